@@ -1,0 +1,135 @@
+"""Feature schema: dense features, sparse id features and the embedding tables they look up.
+
+Example YAML (the ``features`` section of a job)::
+
+    features:
+      label: label
+      dense:
+        - {name: I1, fill_missing: 0.0, transform: log1p}
+      sparse:
+        - {name: C1, table: t_C1, hash: true}
+        - {name: C2, table: t_C1}          # two features may share one table
+      tables:
+        - {name: t_C1, num_embeddings: 100000, embedding_dim: 16}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shardrec.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class TableConfig:
+    """One embedding table."""
+
+    name: str
+    """Table name; the planner and the plan file refer to it."""
+    num_embeddings: int
+    """Number of rows."""
+    embedding_dim: int
+    """Width of each row."""
+    pooling: Literal["sum", "mean"] = "sum"
+    """How a bag of ids is reduced to one vector."""
+
+    def __post_init__(self) -> None:
+        if self.num_embeddings <= 0:
+            raise ConfigError(f"table '{self.name}': num_embeddings must be > 0, got {self.num_embeddings}")
+        if self.embedding_dim <= 0:
+            raise ConfigError(f"table '{self.name}': embedding_dim must be > 0, got {self.embedding_dim}")
+
+
+@dataclass(kw_only=True)
+class DenseFeature:
+    """A float column fed to the model as one entry of the dense tensor."""
+
+    name: str
+    """Column name in the data."""
+    fill_missing: float | None = None
+    """Value for null or NaN entries; None rejects them with an error."""
+    transform: Literal["none", "log1p"] = "none"
+    """Applied after filling: log1p computes log(1 + max(x, 0)), the usual Criteo transform."""
+
+
+@dataclass(kw_only=True)
+class SparseFeature:
+    """A column of ids (one per row, or a list per row) looked up in one table."""
+
+    name: str
+    """Column name in the data; also the KeyedJaggedTensor key."""
+    table: str
+    """Name of the table in ``features.tables`` this feature looks up."""
+    hash: bool = False
+    """Hash raw ids (strings or any int) into [0, num_embeddings); off: ids must already be in range."""
+
+
+@dataclass(kw_only=True)
+class FeatureSchema:
+    """The features a model reads and the tables behind them."""
+
+    label: str = "label"
+    """Column holding the 0/1 label."""
+    dense: list[DenseFeature] = field(default_factory=list)
+    """Dense float features, in the order of the dense tensor's columns."""
+    sparse: list[SparseFeature] = field(default_factory=list)
+    """Sparse id features, in the order of the KeyedJaggedTensor's keys."""
+    tables: list[TableConfig] = field(default_factory=list)
+    """Embedding tables."""
+
+    def __post_init__(self) -> None:
+        tables = [t.name for t in self.tables]
+        _check_unique(tables, "features.tables")
+        _check_unique([f.name for f in self.dense] + [f.name for f in self.sparse], "features")
+        for i, f in enumerate(self.sparse):
+            if f.table not in tables:
+                raise ConfigError(
+                    f"features.sparse[{i}] ('{f.name}') names table '{f.table}', which is not in "
+                    f"features.tables; known tables: {', '.join(tables) or '(none)'}"
+                )
+        used = {f.table for f in self.sparse}
+        unused = [t for t in tables if t not in used]
+        if unused:
+            raise ConfigError(f"features.tables: table '{unused[0]}' is used by no sparse feature; remove it or bind a feature to it")
+
+    def table(self, name: str) -> TableConfig:
+        """Returns the table called ``name``."""
+        return next(t for t in self.tables if t.name == name)
+
+    def features_of(self, table: str) -> list[str]:
+        """Names of the sparse features that look up ``table``, in schema order."""
+        return [f.name for f in self.sparse if f.table == table]
+
+    @property
+    def sparse_names(self) -> list[str]:
+        """KeyedJaggedTensor keys in order."""
+        return [f.name for f in self.sparse]
+
+    @property
+    def dense_names(self) -> list[str]:
+        """Dense columns in order."""
+        return [f.name for f in self.dense]
+
+
+def _check_unique(names: list[str], key: str) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ConfigError(f"{key}: name '{n}' appears twice; names must be unique")
+        seen.add(n)
+
+
+def criteo_schema(
+    *, num_dense: int = 13, num_sparse: int = 26, rows: list[int] | None = None, dim: int = 16
+) -> FeatureSchema:
+    """The Criteo layout: label, I1..I13 (log1p, missing as 0), C1..C26 hashed into one table each."""
+    rows = rows or [1000] * num_sparse
+    if len(rows) != num_sparse:
+        raise ConfigError(f"criteo_schema: {len(rows)} row counts given for {num_sparse} sparse features")
+    return FeatureSchema(
+        label="label",
+        dense=[DenseFeature(name=f"I{i + 1}", fill_missing=0.0, transform="log1p") for i in range(num_dense)],
+        sparse=[SparseFeature(name=f"C{i + 1}", table=f"t_C{i + 1}", hash=True) for i in range(num_sparse)],
+        tables=[TableConfig(name=f"t_C{i + 1}", num_embeddings=r, embedding_dim=dim) for i, r in enumerate(rows)],
+    )

@@ -1,0 +1,76 @@
+"""The one model registry: a name maps to a config dataclass and a builder.
+
+A model module registers itself with :func:`register`; :func:`build_model` looks the name up,
+builds the model's own config from the ``model`` section of the job (every key but ``name``)
+and calls the builder. Every model's ``forward(dense_features, sparse_features)`` returns
+logits of shape ``[B]`` (or ``[B, num_tasks]`` for multi-task models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import nn
+
+from shardrec.config import build
+from shardrec.data.schema import FeatureSchema
+from shardrec.errors import ConfigError
+
+Builder = Callable[..., nn.Module]
+F = TypeVar("F", bound=Builder)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its config class and its builder."""
+
+    name: str
+    config_cls: type
+    builder: Builder
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(name: str, config_cls: type) -> Callable[[F], F]:
+    """Registers ``builder(config, *, schema, device) -> nn.Module`` under ``name``."""
+
+    def wrap(builder: F) -> F:
+        if name in _REGISTRY:
+            raise ValueError(f"model '{name}' is registered twice")
+        _REGISTRY[name] = ModelEntry(name=name, config_cls=config_cls, builder=builder)
+        return builder
+
+    return wrap
+
+
+def names() -> list[str]:
+    """Names of every registered model, sorted."""
+    _import_zoo()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> ModelEntry:
+    """Returns the entry for ``name`` or raises a ConfigError listing the known models."""
+    _import_zoo()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model '{name}' (config key 'model.name'); known models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def model_config(name: str, params: dict[str, Any]) -> Any:
+    """Builds model ``name``'s own config dataclass from ``params`` (keys under ``model``)."""
+    return build(get(name).config_cls, params, key="model")
+
+
+def build_model(name: str, params: dict[str, Any], *, schema: FeatureSchema, device: torch.device) -> nn.Module:
+    """Builds registered model ``name`` with ``params`` for ``schema`` on ``device``."""
+    entry = get(name)
+    return entry.builder(model_config(name, params), schema=schema, device=device)
+
+
+def _import_zoo() -> None:
+    # Importing the zoo package runs each model module's @register.
+    import shardrec.models.zoo  # noqa: F401
