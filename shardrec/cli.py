@@ -1,0 +1,81 @@
+"""The ``shardrec`` command: parses arguments and hands typed configs to one builder each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from shardrec.errors import ShardrecError
+
+
+def train(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``shardrec train [CONFIG] [--nproc N] [--resume [PATH]] [--section.key=value ...]``."""
+    from shardrec.data.prepare import resolve_data
+    from shardrec.job import load_job
+    from shardrec.launch.local import launch
+    from shardrec.platform import run_dir
+
+    job = resolve_data(load_job(args.config, overrides))
+    paths = run_dir.prepare(job, resume=args.resume is not None, resume_path=args.resume or None)
+    print(f"run folder: {paths.run_dir}", flush=True)
+    rc = launch(nproc=args.nproc, config=paths.config, run_dir=paths.run_dir, resume=paths.resume)
+    return _report(paths.run_dir, rc)
+
+
+def _report(run_dir: Path, rc: int) -> int:
+    if rc != 0:
+        error = run_dir / "error.txt"
+        detail = error.read_text().strip() if error.is_file() else "see the log above"
+        print(f"shardrec: training failed: {detail}", file=sys.stderr)
+        return rc
+    result = json.loads((run_dir / "result.json").read_text())
+    if result["eval"]:
+        print(f"eval auc: {result['eval']['auc']:.4f}  log loss: {result['eval']['log_loss']:.4f}")
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def convert_criteo(args: argparse.Namespace, _: list[str]) -> int:
+    """``shardrec data criteo --input FILE --output FILE.parquet``."""
+    from shardrec.data.criteo import convert_criteo as convert
+
+    stats = convert(Path(args.input), Path(args.output))
+    print(f"wrote {args.output}: {stats.rows} rows, {stats.positives} positives")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="shardrec", description="Train recommendation models with sharded embedding tables.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a job (no CONFIG: the embedded default job)")
+    t.add_argument("config", nargs="?", type=Path, help="YAML job file")
+    t.add_argument("--nproc", type=int, default=2, help="local processes (ranks); default 2")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH", help="continue the latest run, or the run/checkpoint at PATH")
+    t.set_defaults(func=train)
+    d = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    c = d.add_parser("criteo", help="convert Criteo text (TSV/CSV) to Parquet")
+    c.add_argument("--input", required=True)
+    c.add_argument("--output", required=True)
+    c.set_defaults(func=convert_criteo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``shardrec`` console script."""
+    args, rest = parser().parse_known_args(argv)
+    unknown = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if unknown:
+        print(f"shardrec: error: unrecognized arguments {unknown}; config overrides look like --section.key=value", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args, [a[2:] for a in rest])
+    except ShardrecError as e:
+        print(f"shardrec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Config of the data section of a job: where the Parquet data is, or how to synthesize it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardrec.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    """Criteo-shaped synthetic data matching the job's feature schema, made on first use."""
+
+    train_rows: int = 200_000
+    """Rows of the training file."""
+    eval_rows: int = 20_000
+    """Rows of the held-out evaluation file (drawn from the same distribution, other rows)."""
+    seed: int = 0
+    """Seed of ids, dense values, planted weights and labels."""
+    zipf_a: float = 1.2
+    """Power-law exponent of id frequencies (rank r is drawn with probability ~ r**-zipf_a)."""
+    row_group_size: int = 16_384
+    """Rows per Parquet row group."""
+
+    def __post_init__(self) -> None:
+        if self.train_rows <= 0 or self.eval_rows <= 0:
+            raise ConfigError("data.synthetic.train_rows and data.synthetic.eval_rows must be > 0")
+        if self.zipf_a <= 0:
+            raise ConfigError(f"data.synthetic.zipf_a must be > 0, got {self.zipf_a}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training and evaluation data come from and how they are batched."""
+
+    train_path: str | None = None
+    """A Parquet file or a folder of them; unset with ``synthetic`` set: synthetic data is used."""
+    eval_path: str | None = None
+    """Held-out Parquet file or folder for periodic evaluation; unset: no evaluation."""
+    batch_size: int = 512
+    """Rows per batch on each rank."""
+    eval_batch_size: int | None = None
+    """Rows per evaluation batch on each rank; unset: ``batch_size``."""
+    prefetch: int = 2
+    """Batches a background thread prepares ahead of training; 0 reads in the training thread."""
+    synthetic: SyntheticConfig | None = None
+    """Make synthetic data on first use (cached under ``cache_dir``) when ``train_path`` is unset."""
+    cache_dir: str = "~/.cache/shardrec"
+    """Where synthetic data is cached."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be > 0, got {self.batch_size}")
+        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
+            raise ConfigError(f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
+        if self.prefetch < 0:
+            raise ConfigError(f"data.prefetch must be >= 0, got {self.prefetch}")
+        if self.train_path is None and self.synthetic is None:
+            raise ConfigError("data.train_path is not set; set it to a Parquet file or folder, or add a data.synthetic section")

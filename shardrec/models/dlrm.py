@@ -1,0 +1,117 @@
+"""DLRM (Naumov et al. 2019): bottom MLP, embedding bags, pairwise dot interaction, top MLP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from shardrec.data.schema import FeatureSchema
+from shardrec.errors import ConfigError
+from shardrec.models.layers import (
+    MLP,
+    build_ebc,
+    check_features,
+    check_layer_sizes,
+    pooled_by_feature,
+    shared_embedding_dim,
+)
+from shardrec.models.registry import register
+
+
+@dataclass(kw_only=True)
+class DLRMConfig:
+    """The ``model`` section for ``name: dlrm``."""
+
+    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 16])
+    """Bottom MLP widths over the dense features; the last must equal the tables' embedding_dim."""
+    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 32, 1])
+    """Top MLP widths over [bottom output, interactions]; the last must be 1 (the logit)."""
+
+    def __post_init__(self) -> None:
+        check_layer_sizes(self.dense_arch_layer_sizes, key="model.dense_arch_layer_sizes")
+        check_layer_sizes(self.over_arch_layer_sizes, key="model.over_arch_layer_sizes")
+        if self.over_arch_layer_sizes[-1] != 1:
+            raise ConfigError(
+                f"'model.over_arch_layer_sizes' must end in 1 (one logit), got {self.over_arch_layer_sizes}; "
+                "set its last entry to 1"
+            )
+
+
+@torch.fx.wrap
+def _strict_upper_triangle(z: torch.Tensor) -> torch.Tensor:
+    # fx.wrap keeps this a leaf when the train pipeline traces the model: triu_indices needs a
+    # concrete size and device, and a buffer would come back as zeros after meta materialization.
+    n = z.size(1)
+    rows, cols = torch.triu_indices(n, n, offset=1, device=z.device)
+    return z[:, rows, cols]
+
+
+def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+    """Dot products of every pair among [dense, sparse_1, ..., sparse_F].
+
+    Args:
+        dense: bottom MLP output ``[B, D]``.
+        sparse: pooled embeddings ``[B, F, D]``.
+
+    Returns:
+        ``[B, (F + 1) * F / 2]``: <x_i, x_j> for i < j, row-major over the strict upper triangle.
+    """
+    x = torch.cat([dense.unsqueeze(1), sparse], dim=1)
+    return _strict_upper_triangle(torch.bmm(x, x.transpose(1, 2)))
+
+
+class DLRM(nn.Module):
+    """DLRM from Naumov et al. 2019, "Deep Learning Recommendation Model for Personalization and
+    Recommendation Systems".
+
+    Dense features go through a bottom MLP to the embedding width D; the pairwise dot products of
+    [bottom output, each feature's pooled embedding], concatenated with the bottom output, go
+    through a top MLP to one logit.
+
+    Example::
+
+        schema = criteo_schema(num_dense=3, num_sparse=2, rows=[100, 100], dim=16)
+        model = DLRM(schema=schema, config=DLRMConfig(), device=torch.device("cpu"))
+        # keys C1, C2; stride B = 2; row 0 has C1 = [4, 7], C2 = []; row 1 has C1 = [1], C2 = [9]
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["C1", "C2"], values=torch.tensor([4, 7, 1, 9]), lengths=torch.tensor([2, 1, 0, 1])
+        )
+        logits = model(torch.randn(2, 3), kjt)  # [2]
+    """
+
+    def __init__(self, *, schema: FeatureSchema, config: DLRMConfig, device: torch.device) -> None:
+        super().__init__()
+        check_features(schema, model="dlrm")
+        dim = shared_embedding_dim(schema, model="dlrm")
+        _check_dense_arch(config.dense_arch_layer_sizes, dim)
+        self.feature_names = schema.sparse_names
+        num_f = len(self.feature_names)
+        self.ebc = build_ebc(schema, device=device)
+        self.dense_arch = MLP(len(schema.dense), config.dense_arch_layer_sizes, device=device)
+        over_in = dim + (num_f + 1) * num_f // 2
+        self.over_arch = MLP(over_in, config.over_arch_layer_sizes, final_activation="none", device=device)
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
+        dense = self.dense_arch(dense_features)
+        sparse = torch.stack(pooled_by_feature(self.ebc(sparse_features), self.feature_names), dim=1)
+        interactions = dot_interaction(dense, sparse)
+        return self.over_arch(torch.cat([dense, interactions], dim=1)).squeeze(-1)
+
+
+def _check_dense_arch(sizes: list[int], dim: int) -> None:
+    if sizes[-1] != dim:
+        raise ConfigError(
+            f"'model.dense_arch_layer_sizes' must end in the tables' embedding_dim ({dim}) so the bottom "
+            f"output can be dotted with the embeddings, got {sizes}; set its last entry to {dim}"
+        )
+
+
+@register("dlrm", DLRMConfig)
+def build_dlrm(config: DLRMConfig, *, schema: FeatureSchema, device: torch.device) -> DLRM:
+    """Builds a DLRM for ``schema`` on ``device``."""
+    return DLRM(schema=schema, config=config, device=device)

@@ -1,0 +1,130 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded model, both optimizers, step.
+
+Layout of a run folder::
+
+    checkpoints/step-00000200/      committed checkpoint (DCP shards + .metadata + meta.json)
+    checkpoints/step-00000300.tmp/  a save in progress or interrupted; never read
+
+A checkpoint is written under a ``.tmp`` name and renamed by rank 0 once every rank has finished,
+so a crash during a save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.optim import Optimizer
+
+from shardrec.errors import CheckpointError, ConfigError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+META_FILE = "meta.json"
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    enabled: bool = True
+    """Write checkpoints at all."""
+    interval: int = 0
+    """Save every this many steps; 0: only at the end of training."""
+    keep_last_n: int = 3
+    """Committed checkpoints to keep; older ones are removed after a new one commits."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"checkpoint.interval must be >= 0, got {self.interval}")
+        if self.keep_last_n < 1:
+            raise ConfigError(f"checkpoint.keep_last_n must be >= 1, got {self.keep_last_n}")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """Folder of the checkpoint taken after ``step`` steps."""
+    return root / f"step-{step:08d}"
+
+
+def committed(root: Path) -> list[Path]:
+    """Committed checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / META_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest(root: Path) -> Path | None:
+    """The newest committed checkpoint under ``root``, if any."""
+    found = committed(root)
+    return found[-1] if found else None
+
+
+def save(
+    root: Path, *, step: int, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any], is_main: bool, keep_last_n: int
+) -> Path:
+    """Saves model and optimizer state after ``step`` steps; collective over all ranks."""
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+    _barrier()
+    if is_main:
+        (tmp / META_FILE).write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in committed(root)[:-keep_last_n]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The meta.json of a committed checkpoint, with errors that name the path."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass a run folder or a checkpoints/step-N folder")
+    meta = path / META_FILE
+    if not meta.is_file() or not (path / ".metadata").is_file():
+        raise CheckpointError(
+            f"'{path}' is not a complete checkpoint (no {META_FILE} or .metadata); it may be a save that was "
+            "interrupted: resume from an earlier checkpoints/step-N folder"
+        )
+    return json.loads(meta.read_text())
+
+
+def load(path: Path, *, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+    """Loads ``path`` into ``model`` and ``optimizer`` in place and returns its meta (step ...)."""
+    meta = read_meta(path)
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP reports missing keys and shape mismatches as assorted exceptions
+        raise CheckpointError(f"checkpoint '{path}' does not match this model: {e}") from e
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    return meta
+
+
+def resolve_resume(path: Path) -> Path:
+    """A run folder, its checkpoints folder or a step folder -> the checkpoint to resume from."""
+    if (path / META_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"no complete checkpoint under '{path}'; pass a run folder that has checkpoints/step-N")
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

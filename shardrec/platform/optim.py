@@ -1,0 +1,88 @@
+"""Optimizers: a sparse one fused into the embedding kernels and a dense torch.optim one, combined."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from shardrec.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class SparseOptimizerConfig:
+    """Optimizer of the embedding tables, run inside the fused embedding backward."""
+
+    name: Literal["rowwise_adagrad", "adagrad", "adam", "sgd"] = "rowwise_adagrad"
+    """Row-wise Adagrad keeps one accumulator per row: the usual choice for large tables."""
+    lr: float = 0.05
+    """Learning rate."""
+    eps: float = 1e-8
+    """Denominator epsilon of Adagrad and Adam."""
+    weight_decay: float = 0.0
+    """L2 penalty."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"train.sparse_optimizer.lr must be > 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class DenseOptimizerConfig:
+    """Optimizer of the dense (MLP) parameters and of data-parallel tables."""
+
+    name: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
+    """torch.optim optimizer."""
+    lr: float = 1e-3
+    """Learning rate."""
+    weight_decay: float = 0.0
+    """L2 penalty (decoupled for adamw)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"train.dense_optimizer.lr must be > 0, got {self.lr}")
+
+
+def _sparse_class_and_kwargs(cfg: SparseOptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    if cfg.name == "rowwise_adagrad":
+        return RowWiseAdagrad, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if cfg.name == "adagrad":
+        return torch.optim.Adagrad, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if cfg.name == "adam":
+        return torch.optim.Adam, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    return torch.optim.SGD, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+
+
+def fuse_sparse_optimizer(model: nn.Module, cfg: SparseOptimizerConfig) -> None:
+    """Marks every embedding table's weight so sharding fuses ``cfg``'s optimizer into its kernel.
+
+    Must run on the unsharded model, before DistributedModelParallel.
+    """
+    cls, kwargs = _sparse_class_and_kwargs(cfg)
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    params = [
+        p for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for p in m.parameters()
+    ]
+    apply_optimizer_in_backward(cls, params, kwargs)
+
+
+def _dense_factory(cfg: DenseOptimizerConfig) -> Any:
+    classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+    cls = classes[cfg.name]
+    return lambda params: cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_optimizer(model: nn.Module, cfg: DenseOptimizerConfig) -> KeyedOptimizer:
+    """The sharded model's fused optimizer combined with a dense optimizer over the other parameters."""
+    dense_params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    parts: list[KeyedOptimizer] = [model.fused_optimizer]  # type: ignore[list-item]
+    if dense_params:
+        parts.append(KeyedOptimizerWrapper(dense_params, _dense_factory(cfg)))
+    return CombinedOptimizer(parts)

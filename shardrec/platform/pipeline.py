@@ -1,0 +1,59 @@
+"""The model wrapper the pipelines drive, and the choice of training pipeline."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineBase, TrainPipelineSparseDist
+
+from shardrec.data.batch import Batch
+
+
+class TrainModule(nn.Module):
+    """Wraps a zoo model: ``forward(batch) -> (loss, (loss, logits, labels))`` as torchrec pipelines expect."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits = self.model(batch.dense_features, batch.sparse_features)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+PipelineKind = Literal["auto", "sparse_dist", "base"]
+
+
+def resolve_pipeline(kind: PipelineKind, device: torch.device) -> Literal["sparse_dist", "base"]:
+    """auto -> sparse_dist on cuda (overlaps input dist with compute on streams), base on cpu.
+
+    On CPU there are no streams to overlap on; docs/benchmarks.md has both measured.
+    """
+    if kind != "auto":
+        return kind
+    return "sparse_dist" if device.type == "cuda" else "base"
+
+
+def make_pipeline(
+    kind: PipelineKind, *, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> TrainPipeline:
+    """A torchrec training pipeline of ``kind`` over the sharded ``model``."""
+    if resolve_pipeline(kind, device) == "sparse_dist":
+        return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+    return TrainPipelineBase(model, optimizer, device)
+
+
+def eval_model(pipeline: TrainPipeline) -> nn.Module:
+    """The pipeline's model with its original forwards (sparse_dist rewrites them while attached)."""
+    if isinstance(pipeline, TrainPipelineSparseDist):
+        return pipeline.detach()
+    return pipeline._model  # noqa: SLF001 - TrainPipelineBase keeps it there and offers no getter
+
+
+def resume_training(pipeline: TrainPipeline) -> None:
+    """Re-attaches a sparse_dist pipeline after :func:`eval_model`."""
+    if isinstance(pipeline, TrainPipelineSparseDist):
+        pipeline.attach()

@@ -1,0 +1,61 @@
+"""Run folders: where a run writes its config, plan, metrics and checkpoints, and how to resume one."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardrec.errors import CheckpointError
+from shardrec.job import JobConfig, dump_job
+from shardrec.platform import checkpoint
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """A run folder and the checkpoint it resumes from, if any."""
+
+    run_dir: Path
+    config: Path
+    resume: Path | None
+
+
+def runs_of(job: JobConfig) -> Path:
+    """Folder holding every run of this job's name."""
+    return Path(job.run.root) / (job.run.name or job.model_name)
+
+
+def new_run(job: JobConfig) -> Path:
+    """A fresh timestamped run folder."""
+    base = runs_of(job) / time.strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+def find_resume(job: JobConfig, resume: str | None) -> Path:
+    """The checkpoint to resume: from ``resume`` (a run or checkpoint folder) or the newest run's latest."""
+    if resume:
+        return checkpoint.resolve_resume(Path(resume))
+    runs = sorted((p for p in runs_of(job).glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for run in runs:
+        found = checkpoint.latest(run / "checkpoints")
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"--resume: no run under '{runs_of(job)}' has a complete checkpoint; train without --resume first, "
+        "or pass --resume PATH"
+    )
+
+
+def prepare(job: JobConfig, *, resume: bool, resume_path: str | None) -> RunPaths:
+    """Creates (or reopens, when resuming) the run folder and writes the resolved config into it."""
+    ckpt = find_resume(job, resume_path) if resume else None
+    run_dir = ckpt.parent.parent if ckpt is not None else new_run(job)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "config.yaml"
+    tmp = config.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_job(job))
+    tmp.replace(config)
+    return RunPaths(run_dir=run_dir, config=config, resume=ckpt)

@@ -1,0 +1,196 @@
+"""The training job: sharded model, pipelined loop, periodic evaluation, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipeline
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from tqdm import tqdm
+
+from shardrec.data.batch import Batch
+from shardrec.data.reader import ParquetReader
+from shardrec.job import JobConfig
+from shardrec.models import registry
+from shardrec.platform import checkpoint
+from shardrec.platform.dist import DistContext
+from shardrec.platform.init import init_dense, init_tables
+from shardrec.platform.metrics import MetricsLog, eval_metrics
+from shardrec.platform.optim import build_optimizer, fuse_sparse_optimizer
+from shardrec.platform.pipeline import TrainModule, eval_model, make_pipeline, resume_training
+from shardrec.sharding.planner import format_plan, make_plan, plan_rows, save_plan, topology_spec
+from shardrec.sharding.sharders import default_sharders
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    step: int
+    eval: dict[str, float] | None
+    checkpoint: Path | None
+    losses: list[float]
+
+
+@dataclass
+class DataPaths:
+    """Resolved training and evaluation data."""
+
+    train: Path
+    eval: Path | None
+
+
+class Trainer:
+    """Builds the sharded model and runs the loop; one instance per rank."""
+
+    def __init__(self, job: JobConfig, *, ctx: DistContext, run_dir: Path, data: DataPaths) -> None:
+        self.job, self.ctx, self.run_dir, self.data = job, ctx, run_dir, data
+        self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
+        self.model = self.build_model()
+        self.optimizer = build_optimizer(self.model, job.train.dense_optimizer)
+        self.step = 0
+
+    def build_model(self) -> DistributedModelParallel:
+        """Builds on meta, plans, shards and initializes the model independently of the plan."""
+        job, ctx = self.job, self.ctx
+        module = TrainModule(registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta")))
+        tables = _tables(module)
+        fuse_sparse_optimizer(module, job.train.sparse_optimizer)
+        spec = topology_spec(job.sharding, world_size=ctx.world_size, local_world_size=ctx.local_world_size)
+        sharders = default_sharders()
+        plan = make_plan(module, cfg=job.sharding, tables=list(tables), topology=spec, pg=torch.distributed.GroupMember.WORLD, sharders=sharders)
+        if ctx.is_main:
+            rows = plan_rows(plan, tables)
+            print("sharding plan:\n" + format_plan(rows), flush=True)
+            save_plan(rows, spec, self.run_dir / "plan.json")
+        model = DistributedModelParallel(module, device=ctx.device, plan=plan, sharders=sharders)
+        init_dense(model, seed=job.train.seed)
+        init_tables(model, seed=job.train.seed, tables=tables)
+        return model
+
+    def reader(self, path: Path, *, batch_size: int, start_batch: int = 0) -> ParquetReader:
+        """A reader of this rank's share of ``path``."""
+        return ParquetReader(
+            path,
+            schema=self.job.features,
+            batch_size=batch_size,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            start_batch=start_batch,
+            prefetch=self.job.data.prefetch,
+        )
+
+    def total_steps(self) -> int:
+        """Steps of the whole run, from ``train.steps`` or ``train.epochs``."""
+        if self.job.train.steps is not None:
+            return self.job.train.steps
+        return self.job.train.epochs * len(self.reader(self.data.train, batch_size=self.job.data.batch_size))  # type: ignore[operator]
+
+    def batches(self, start_step: int) -> Iterator[Batch]:
+        """Training batches from step ``start_step`` on, epoch after epoch, moved to the device."""
+        per_epoch = len(self.reader(self.data.train, batch_size=self.job.data.batch_size))
+        epoch, offset = divmod(start_step, per_epoch)
+        while True:
+            for batch in self.reader(self.data.train, batch_size=self.job.data.batch_size, start_batch=offset):
+                yield batch.to(self.ctx.device)
+            epoch, offset = epoch + 1, 0
+
+    def resume(self, path: Path) -> None:
+        """Loads model, optimizers and step from checkpoint ``path``."""
+        meta = checkpoint.load(path, model=self.model, optimizer=self.optimizer)
+        self.step = int(meta["step"])
+        if self.ctx.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def fit(self) -> TrainResult:
+        """Trains to the configured number of steps, evaluating and checkpointing on schedule."""
+        total = self.total_steps()
+        pipeline = make_pipeline(self.job.train.pipeline, model=self.model, optimizer=self.optimizer, device=self.ctx.device)
+        data = itertools.islice(self.batches(self.step), total - self.step)
+        losses: list[float] = []
+        last_ckpt: Path | None = None
+        result_eval: dict[str, float] | None = None
+        bar = tqdm(total=total, initial=self.step, disable=not (self.ctx.is_main and self.job.train.progress_bar), unit="step")
+        self.model.train()
+        t0, samples = time.perf_counter(), 0
+        while self.step < total:
+            loss, _, labels = pipeline.progress(data)
+            self.step += 1
+            losses.append(float(loss))
+            samples += labels.numel() * self.ctx.world_size
+            rate = samples / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{rate:,.0f}")
+            if self.step % self.job.train.log_interval == 0:
+                self.log.write("train", step=self.step, loss=sum(losses[-self.job.train.log_interval:]) / self.job.train.log_interval, samples_per_s=rate)
+            if self._due(self.job.train.eval_interval) and self.step < total:
+                result_eval = self.evaluate(pipeline)
+            if self._due(self.job.checkpoint.interval) and self.step < total:
+                last_ckpt = self.save()
+        bar.close()
+        if self.data.eval is not None:
+            result_eval = self.evaluate(pipeline)
+        if self.job.checkpoint.enabled:
+            last_ckpt = self.save()
+        return TrainResult(step=self.step, eval=result_eval, checkpoint=last_ckpt, losses=losses)
+
+    def _due(self, interval: int) -> bool:
+        return interval > 0 and self.step % interval == 0
+
+    @torch.no_grad()
+    def evaluate(self, pipeline: TrainPipeline) -> dict[str, float] | None:
+        """AUC and log loss over the evaluation data of every rank."""
+        if self.data.eval is None:
+            return None
+        model = eval_model(pipeline)
+        model.eval()
+        batch_size = self.job.data.eval_batch_size or self.job.data.batch_size
+        batches = self.reader(self.data.eval, batch_size=batch_size)
+        logits, labels = [], []
+        for batch in itertools.islice(batches, self.job.train.eval_batches):
+            _, (_, out, lab) = model(batch.to(self.ctx.device))
+            logits.append(out.float().cpu())
+            labels.append(lab.float().cpu())
+        model.train()
+        resume_training(pipeline)
+        metrics = eval_metrics(torch.cat(logits), torch.cat(labels))
+        self.log.write("eval", step=self.step, **metrics)
+        if self.ctx.is_main:
+            tqdm.write(f"step {self.step}: eval auc {metrics['auc']:.4f} log_loss {metrics['log_loss']:.4f}")
+        return metrics
+
+    def save(self) -> Path | None:
+        """Writes a checkpoint of the current step."""
+        if not self.job.checkpoint.enabled:
+            return None
+        return checkpoint.save(
+            self.run_dir / "checkpoints",
+            step=self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            extra={"model": self.job.model_name, "world_size": self.ctx.world_size},
+            is_main=self.ctx.is_main,
+            keep_last_n=self.job.checkpoint.keep_last_n,
+        )
+
+
+def _tables(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every embedding table of ``module``: name -> (rows, dim)."""
+    out: dict[str, tuple[int, int]] = {}
+    for m in module.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            for cfg in m.embedding_bag_configs():
+                out[cfg.name] = (cfg.num_embeddings, cfg.embedding_dim)
+    return out
+
+
+def summary(result: TrainResult) -> dict[str, Any]:
+    """A JSON-friendly summary of ``result``."""
+    return {"step": result.step, "eval": result.eval, "checkpoint": str(result.checkpoint) if result.checkpoint else None}

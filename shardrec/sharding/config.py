@@ -1,0 +1,59 @@
+"""Config of the sharding section of a job: topology overrides and per-table constraints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shardrec.errors import ConfigError
+
+ShardingTypeName = Literal[
+    "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel"
+]
+ComputeKernelName = Literal["fused", "dense", "fused_uvm", "fused_uvm_caching"]
+
+
+@dataclass(kw_only=True)
+class TableConstraint:
+    """What the planner may choose for one table."""
+
+    sharding_types: list[ShardingTypeName] | None = None
+    """Allowed sharding types; unset: any the sharder offers."""
+    compute_kernels: list[ComputeKernelName] | None = None
+    """Allowed compute kernels; unset: any the sharder offers on the compute device."""
+    min_partition: int | None = None
+    """Smallest column-shard width for column-wise sharding."""
+
+    def __post_init__(self) -> None:
+        if self.sharding_types is not None and not self.sharding_types:
+            raise ConfigError("sharding constraint 'sharding_types' must list at least one type, or be left unset")
+
+
+@dataclass(kw_only=True)
+class ShardingConfig:
+    """How tables are placed on devices."""
+
+    compute_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device the ranks compute on; auto: cuda when available, else cpu."""
+    memory_per_device_gb: float | None = None
+    """Memory the planner may fill on each device (HBM on cuda, host memory on cpu); unset: detected."""
+    default: TableConstraint = field(default_factory=TableConstraint)
+    """Constraint for every table not named under ``tables``."""
+    tables: dict[str, TableConstraint] = field(default_factory=dict)
+    """Per-table constraints, keyed by table name (DeepFM and WideDeep add ``<table>_linear`` tables)."""
+
+    def __post_init__(self) -> None:
+        if self.memory_per_device_gb is not None and self.memory_per_device_gb <= 0:
+            raise ConfigError(f"sharding.memory_per_device_gb must be > 0, got {self.memory_per_device_gb}")
+
+    def constraint_for(self, table: str) -> TableConstraint:
+        """The constraint that applies to ``table``."""
+        return self.tables.get(table, self.default)
+
+    def check_tables(self, known: list[str]) -> None:
+        """Raises a ConfigError if ``tables`` names a table the model does not have."""
+        for name in self.tables:
+            if name not in known:
+                raise ConfigError(
+                    f"sharding.tables.{name}: no table '{name}' in features.tables; known tables: {', '.join(known)}"
+                )

@@ -1,0 +1,184 @@
+"""One way to shard: (model, topology, constraints) -> plan, and a plan -> a readable table and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import PlannerError
+from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan
+
+from shardrec.errors import PlanError
+from shardrec.sharding.config import ShardingConfig
+from shardrec.sharding.sharders import default_sharders
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    """The devices a plan is made for."""
+
+    world_size: int
+    local_world_size: int
+    compute_device: str
+    memory_per_device_bytes: int
+
+
+def resolve_compute_device(cfg: ShardingConfig) -> str:
+    """``cfg.compute_device`` with auto resolved to cuda or cpu."""
+    if cfg.compute_device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.compute_device
+
+
+def topology_spec(cfg: ShardingConfig, *, world_size: int, local_world_size: int) -> TopologySpec:
+    """Topology from the job (device, memory) and the launch (world size, ranks per node)."""
+    device = resolve_compute_device(cfg)
+    if cfg.memory_per_device_gb is not None:
+        memory = int(cfg.memory_per_device_gb * GiB)
+    elif device == "cuda":
+        memory = torch.cuda.get_device_properties(0).total_memory
+    else:
+        # Ranks on one host share its memory.
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_world_size, 1)
+    return TopologySpec(world_size, local_world_size, device, memory)
+
+
+def torchrec_topology(spec: TopologySpec) -> Topology:
+    """torchrec Topology of ``spec``; on CPU the planner fills host memory (its 'ddr')."""
+    kwargs: dict[str, Any] = {"hbm_cap": spec.memory_per_device_bytes} if spec.compute_device == "cuda" else {
+        "ddr_cap": spec.memory_per_device_bytes
+    }
+    return Topology(
+        world_size=spec.world_size,
+        local_world_size=spec.local_world_size,
+        compute_device=spec.compute_device,
+        **kwargs,
+    )
+
+
+def constraints(cfg: ShardingConfig, tables: list[str]) -> dict[str, ParameterConstraints]:
+    """torchrec ParameterConstraints for every table, from the job's sharding section."""
+    cfg.check_tables(tables)
+    out = {}
+    for table in tables:
+        c = cfg.constraint_for(table)
+        kwargs: dict[str, Any] = {}
+        if c.sharding_types is not None:
+            kwargs["sharding_types"] = list(c.sharding_types)
+        if c.compute_kernels is not None:
+            kwargs["compute_kernels"] = list(c.compute_kernels)
+        if c.min_partition is not None:
+            kwargs["min_partition"] = c.min_partition
+        out[table] = ParameterConstraints(**kwargs)
+    return out
+
+
+def make_plan(
+    model: nn.Module,
+    *,
+    cfg: ShardingConfig,
+    tables: dict[str, tuple[int, int]],
+    topology: TopologySpec,
+    pg: dist.ProcessGroup | None,
+    sharders: list[ModuleSharder[nn.Module]] | None = None,
+) -> ShardingPlan:
+    """Plans ``model`` (built on the meta device) for ``topology``; collective when ``pg`` is given.
+
+    ``tables`` maps every table of the model to (rows, dim).
+    """
+    planner = EmbeddingShardingPlanner(
+        topology=torchrec_topology(topology), constraints=constraints(cfg, list(tables))
+    )
+    sharders = sharders or default_sharders()
+    try:
+        if pg is not None:
+            return planner.collective_plan(model, sharders, pg)
+        return planner.plan(model, sharders)
+    except PlannerError as e:
+        raise PlanError(_plan_failure(e, tables, topology)) from e
+
+
+def _plan_failure(error: PlannerError, tables: dict[str, tuple[int, int]], topology: TopologySpec) -> str:
+    by_size = sorted(tables.items(), key=lambda kv: kv[1][0] * kv[1][1], reverse=True)[:5]
+    sizes = ", ".join(f"{name} ({_gib(rows * dim * 4)})" for name, (rows, dim) in by_size)
+    total = sum(rows * dim * 4 for rows, dim in tables.values())
+    return (
+        f"no sharding plan fits: {error}\n"
+        f"  largest tables: {sizes}; all tables need {_gib(total)} of weights before optimizer state\n"
+        f"  available: {topology.world_size} x {_gib(topology.memory_per_device_bytes)} ({topology.compute_device})\n"
+        "  options: more devices, allow row_wise/table_row_wise/column_wise under sharding.default.sharding_types, "
+        "raise sharding.memory_per_device_gb, or smaller num_embeddings/embedding_dim"
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.3g} GiB"
+
+
+def plan_rows(plan: ShardingPlan, tables: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
+    """One record per sharded table: name, shape, sharding type, kernel, ranks, shards."""
+    rows = []
+    for module_path, module_plan in plan.plan.items():
+        for param, ps in module_plan.items():  # type: ignore[union-attr]
+            shape = tables.get(param, (None, None))
+            rows.append(
+                {
+                    "module": module_path,
+                    "table": param,
+                    "rows": shape[0],
+                    "dim": shape[1],
+                    "sharding_type": ps.sharding_type,
+                    "compute_kernel": ps.compute_kernel,
+                    "ranks": list(ps.ranks or []),
+                    "shards": _shards(ps),
+                }
+            )
+    return rows
+
+
+def _shards(ps: ParameterSharding) -> list[dict[str, Any]]:
+    spec = ps.sharding_spec
+    if spec is None:
+        return []
+    return [
+        {"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "placement": str(s.placement)}
+        for s in spec.shards  # type: ignore[attr-defined]
+    ]
+
+
+def format_plan(rows: list[dict[str, Any]]) -> str:
+    """The plan as a fixed-width text table, one line per table."""
+    header = ("table", "rows x dim", "sharding", "kernel", "ranks", "shard shapes")
+    lines = [
+        (
+            r["table"],
+            f"{r['rows']} x {r['dim']}",
+            r["sharding_type"],
+            r["compute_kernel"],
+            ",".join(map(str, r["ranks"])) or "all",
+            " ".join("x".join(map(str, s["sizes"])) for s in r["shards"]) or "replicated",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+def save_plan(rows: list[dict[str, Any]], topology: TopologySpec, path: Path) -> None:
+    """Writes the plan as JSON, atomically."""
+    data = {"topology": topology.__dict__, "tables": rows}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,219 @@
+"""Every registered model: meta build, CPU forward/backward, traceable EBC inputs, a falling loss;
+plus the DLRM interaction, the FM term and the config errors."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torchrec.fx.tracer import Tracer
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from shardrec.data.schema import FeatureSchema, SparseFeature, TableConfig, criteo_schema
+from shardrec.errors import ConfigError
+from shardrec.models import layers, registry
+from shardrec.models.deepfm import fm_second_order
+from shardrec.models.dlrm import dot_interaction
+
+CPU = torch.device("cpu")
+ROWS = 50
+DIM = 8
+
+
+def _schema() -> FeatureSchema:
+    return criteo_schema(num_dense=3, num_sparse=4, rows=[ROWS] * 4, dim=DIM)
+
+
+def _params(name: str) -> dict[str, Any]:
+    # The default DLRM bottom MLP ends in 16; the tiny schema's tables are 8 wide.
+    return {"dense_arch_layer_sizes": [16, DIM]} if name == "dlrm" else {}
+
+
+def _build(name: str, schema: FeatureSchema | None = None, device: torch.device = CPU) -> torch.nn.Module:
+    return registry.build_model(name, _params(name), schema=schema or _schema(), device=device)
+
+
+def _kjt(keys: list[str], batch: int, gen: torch.Generator) -> KeyedJaggedTensor:
+    """Random bags of 0-2 ids per (key, row); row 0 is empty for every key, row 1 never is."""
+    lengths = torch.randint(0, 3, (len(keys), batch), generator=gen)
+    lengths[:, 0] = 0
+    lengths[:, 1] = 1
+    values = torch.randint(0, ROWS, (int(lengths.sum()),), generator=gen)
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths.flatten())
+
+
+@pytest.fixture(params=registry.names())
+def name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_zoo_registers_the_three_models() -> None:
+    assert {"dlrm", "deepfm", "widedeep"} <= set(registry.names())
+
+
+def test_builds_on_meta(name: str) -> None:
+    model = _build(name, device=torch.device("meta"))
+    params = list(model.parameters())
+    assert params and all(p.is_meta for p in params)
+
+
+def test_forward_backward_on_cpu(name: str) -> None:
+    torch.manual_seed(0)
+    schema = _schema()
+    model = _build(name, schema)
+    gen = torch.Generator().manual_seed(1)
+    batch = 6
+    logits = model(torch.randn(batch, 3, generator=gen), _kjt(schema.sparse_names, batch, gen))
+    assert logits.shape == (batch,)
+    assert torch.isfinite(logits).all()
+    logits.sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {pname}"
+    assert any("embedding_bags" in n for n, _ in model.named_parameters())
+    assert any(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+def test_ebcs_take_sparse_features_directly(name: str) -> None:
+    # TrainPipelineSparseDist only pipelines an EBC whose input is the KJT argument itself.
+    model = _build(name, device=torch.device("meta"))
+    graph = Tracer(leaf_modules=["EmbeddingBagCollection"]).trace(model)
+    ebcs = {n for n, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)}
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target in ebcs]
+    assert {c.target for c in calls} == ebcs
+    for call in calls:
+        (arg,) = call.args
+        assert arg.op == "placeholder" and arg.target == "sparse_features", call.target
+
+
+def test_dot_interaction_matches_pair_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(2, 4, generator=gen)
+    sparse = torch.randn(2, 3, 4, generator=gen)
+    got = dot_interaction(dense, sparse)
+    x = torch.cat([dense.unsqueeze(1), sparse], dim=1)
+    pairs = itertools.combinations(range(4), 2)
+    want = torch.stack([(x[:, i] * x[:, j]).sum(dim=1) for i, j in pairs], dim=1)
+    assert got.shape == (2, 6)
+    torch.testing.assert_close(got, want)
+
+
+def test_fm_term_matches_pair_sum() -> None:
+    emb = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    want = sum((emb[:, i] * emb[:, j]).sum(dim=1) for i, j in itertools.combinations(range(5), 2))
+    torch.testing.assert_close(fm_second_order(emb), want.unsqueeze(1))
+
+
+def _mixed_dim_schema() -> FeatureSchema:
+    schema = _schema()
+    schema.tables[2].embedding_dim = 4
+    return schema
+
+
+@pytest.mark.parametrize("model_name", ["dlrm", "deepfm"])
+def test_mismatched_embedding_dims_name_the_tables(model_name: str) -> None:
+    with pytest.raises(ConfigError, match=r"t_C1=8.*t_C3=4.*features\.tables"):
+        _build(model_name, _mixed_dim_schema(), device=torch.device("meta"))
+
+
+def test_widedeep_accepts_mixed_embedding_dims() -> None:
+    schema = _mixed_dim_schema()
+    model = _build("widedeep", schema)
+    gen = torch.Generator().manual_seed(0)
+    assert model(torch.randn(4, 3, generator=gen), _kjt(schema.sparse_names, 4, gen)).shape == (4,)
+
+
+def test_dlrm_dense_arch_must_end_in_embedding_dim() -> None:
+    with pytest.raises(ConfigError, match=r"model\.dense_arch_layer_sizes.*\(8\)"):
+        registry.build_model("dlrm", {"dense_arch_layer_sizes": [16, 4]}, schema=_schema(), device=CPU)
+
+
+def test_dlrm_over_arch_must_end_in_one() -> None:
+    with pytest.raises(ConfigError, match=r"model\.over_arch_layer_sizes"):
+        registry.model_config("dlrm", {"over_arch_layer_sizes": [8, 2]})
+
+
+@pytest.mark.parametrize("model_name", ["deepfm", "widedeep"])
+def test_deep_layer_sizes_must_be_positive(model_name: str) -> None:
+    with pytest.raises(ConfigError, match=r"model\.deep_layer_sizes"):
+        registry.model_config(model_name, {"deep_layer_sizes": [8, 0]})
+
+
+def test_loss_falls_on_planted_signal(name: str) -> None:
+    torch.manual_seed(0)
+    schema = _schema()
+    model = _build(name, schema)
+    gen = torch.Generator().manual_seed(2)
+    batch = 64
+    dense = torch.randn(batch, 3, generator=gen)
+    ids = torch.randint(0, ROWS, (batch, 4), generator=gen)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=schema.sparse_names, values=ids.t().flatten(), lengths=torch.ones(4 * batch, dtype=torch.long)
+    )
+    # The label depends on one sparse id and one dense column.
+    labels = ((ids[:, 0] < ROWS // 2) ^ (dense[:, 0] > 1.0)).float()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, kjt), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _shared_table_schema() -> FeatureSchema:
+    # Features a and c share table t1, so an EBC emits keys a, c, b rather than schema order a, b, c.
+    return FeatureSchema(
+        sparse=[SparseFeature(name=n, table=t) for n, t in [("a", "t1"), ("b", "t2"), ("c", "t1")]],
+        tables=[
+            TableConfig(name="t1", num_embeddings=10, embedding_dim=4, pooling="mean"),
+            TableConfig(name="t2", num_embeddings=7, embedding_dim=4),
+        ],
+    )
+
+
+def test_build_ebc_follows_table_configs() -> None:
+    schema = _shared_table_schema()
+    main = layers.build_ebc(schema, device=torch.device("meta"))
+    linear = layers.build_linear_ebc(schema, device=torch.device("meta"))
+    got = [(c.name, c.num_embeddings, c.embedding_dim, c.feature_names, c.pooling) for c in main.embedding_bag_configs()]
+    assert got == [("t1", 10, 4, ["a", "c"], PoolingType.MEAN), ("t2", 7, 4, ["b"], PoolingType.SUM)]
+    linear_tables = [(c.name, c.embedding_dim) for c in linear.embedding_bag_configs()]
+    assert linear_tables == [("t1_linear", 1), ("t2_linear", 1)]
+
+
+def test_pooled_by_feature_restores_schema_order() -> None:
+    ebc = layers.build_ebc(_shared_table_schema(), device=CPU)
+    ones = torch.ones(3, dtype=torch.long)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b", "c"], values=torch.tensor([1, 2, 3]), lengths=ones)
+    a, b, c = layers.pooled_by_feature(ebc(kjt), ["a", "b", "c"])
+    t1, t2 = ebc.embedding_bags["t1"].weight, ebc.embedding_bags["t2"].weight
+    torch.testing.assert_close(torch.cat([a, b, c]), torch.stack([t1[1], t2[2], t1[3]]))
+
+
+def test_mlp_final_activation() -> None:
+    relu_end = layers.MLP(3, [4, 2], device=CPU)
+    linear_end = layers.MLP(3, [4, 2], final_activation="none", device=CPU)
+    assert [type(m).__name__ for m in relu_end] == ["Linear", "ReLU", "Linear", "ReLU"]
+    assert [type(m).__name__ for m in linear_end] == ["Linear", "ReLU", "Linear"]
+
+
+def test_models_do_not_import_distribution() -> None:
+    forbidden = ("torch.distributed", "shardrec.platform", "shardrec.sharding")
+    for path in Path(layers.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+            else:
+                continue
+            bad = [m for m in mods if m.startswith(forbidden)]
+            assert not bad, f"{path.name} imports {bad}"
