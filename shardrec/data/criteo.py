@@ -230,14 +230,7 @@ def _count(batch: pa.RecordBatch, stats: ConvertStats) -> None:
 def _convert_batch(raw: pa.RecordBatch, *, src: Path, line0: int) -> pa.RecordBatch:
     """Turns a batch of string columns into the output types; ``line0`` is its first line number."""
     arrays = [_label(raw.column(LABEL), src=src, line0=line0)]
-    for name in DENSE:
-        try:
-            arrays.append(_integers(raw.column(name)))
-        except _BadValue as e:
-            raise DataError(
-                f"{src}, line {line0 + e.index}, column {_column(name)}: '{raw.column(name)[e.index].as_py()}' is "
-                f"not an integer in the int64 range; Criteo {name} values are integers, or empty for missing: fix or blank this field"
-            ) from None
+    arrays += [_dense(raw.column(n), src=src, line0=line0, name=n) for n in DENSE]
     arrays += [_sparse(raw.column(n), src=src, line0=line0, name=n) for n in SPARSE]
     return pa.RecordBatch.from_arrays(arrays, schema=OUTPUT_SCHEMA)
 
@@ -268,6 +261,16 @@ def _label(col: pa.StringArray, *, src: Path, line0: int) -> pa.Array:
             f"Criteo line starts with the 0/1 click label: fix or drop this line"
         ) from None
     return pc.cast(values, pa.int8())
+
+
+def _dense(col: pa.StringArray, *, src: Path, line0: int, name: str) -> pa.Array:
+    try:
+        return _integers(col)
+    except _BadValue as e:
+        raise DataError(
+            f"{src}, line {line0 + e.index}, column {_column(name)}: '{col[e.index].as_py()}' is not an integer in "
+            f"the int64 range; Criteo {name} values are integers, or empty for missing: fix or blank this field"
+        ) from None
 
 
 def _integers(col: pa.StringArray) -> pa.Array:
@@ -349,4 +352,4 @@ def _hex_slow(col: pa.StringArray, *, src: Path, line0: int, name: str) -> np.nd
 
 
 def _first_true(mask: pa.Array) -> int:
-    return int(np.flatnonzero(mask.fill_null(True).to_numpy(zero_copy_only=False))[0])
+    return int(np.flatnonzero(mask.fill_null(False).to_numpy(zero_copy_only=False))[0])

@@ -16,6 +16,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from shardrec.errors import ShardrecError
 from shardrec.job import JobConfig, load_job
 from shardrec.platform.dist import init_distributed, shutdown
+from shardrec.platform.quiet import quiet_libraries
 from shardrec.platform.trainer import DataPaths, Trainer, TrainResult, summary
 from shardrec.sharding.planner import resolve_compute_device
 
@@ -50,6 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Runs one rank; a bad-input error is printed as one line and exits 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
     try:
         run(load_job(args.config, []), run_dir=args.run_dir, resume=args.resume)
     except ShardrecError as e:

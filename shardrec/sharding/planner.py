@@ -12,7 +12,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.planner.types import PlannerError
+from torchrec.distributed.planner.types import (
+    HardwareConfig,
+    KernelConfig,
+    PlannerError,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan
 
 from shardrec.errors import PlanError
@@ -54,14 +60,12 @@ def topology_spec(cfg: ShardingConfig, *, world_size: int, local_world_size: int
 
 def torchrec_topology(spec: TopologySpec) -> Topology:
     """torchrec Topology of ``spec``; on CPU the planner fills host memory (its 'ddr')."""
-    kwargs: dict[str, Any] = {"hbm_cap": spec.memory_per_device_bytes} if spec.compute_device == "cuda" else {
-        "ddr_cap": spec.memory_per_device_bytes
-    }
-    return Topology(
-        world_size=spec.world_size,
-        local_world_size=spec.local_world_size,
-        compute_device=spec.compute_device,
-        **kwargs,
+    memory = spec.memory_per_device_bytes
+    hardware = HardwareConfig(hbm_cap_bytes=memory) if spec.compute_device == "cuda" else HardwareConfig(ddr_cap_bytes=memory)
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=spec.world_size, local_world_size=spec.local_world_size),
+        hardware_config=hardware,
+        kernel_config=KernelConfig(compute_device=spec.compute_device),
     )
 
 
