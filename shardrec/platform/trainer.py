@@ -23,7 +23,7 @@ from shardrec.platform import checkpoint
 from shardrec.platform.dist import DistContext
 from shardrec.platform.init import init_dense, init_tables
 from shardrec.platform.metrics import MetricsLog, eval_metrics
-from shardrec.platform.optim import build_optimizer, fuse_sparse_optimizer
+from shardrec.platform.optim import build_optimizer, fuse_sparse_optimizer, init_optimizer_state
 from shardrec.platform.pipeline import TrainModule, eval_model, make_pipeline, resume_training
 from shardrec.sharding.planner import format_plan, make_plan, plan_rows, save_plan, topology_spec
 from shardrec.sharding.sharders import default_sharders
@@ -54,7 +54,9 @@ class Trainer:
         self.job, self.ctx, self.run_dir, self.data = job, ctx, run_dir, data
         self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
         self.model = self.build_model()
-        self.optimizer = build_optimizer(self.model, job.train.dense_optimizer)
+        self.optimizer = build_optimizer(
+            self.model, dense=job.train.dense_optimizer, sparse=job.train.sparse_optimizer, world_size=ctx.world_size
+        )
         self.step = 0
 
     def build_model(self) -> DistributedModelParallel:
@@ -104,6 +106,7 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         """Loads model, optimizers and step from checkpoint ``path``."""
+        init_optimizer_state(self.optimizer)
         meta = checkpoint.load(path, model=self.model, optimizer=self.optimizer)
         self.step = int(meta["step"])
         if self.ctx.is_main:
