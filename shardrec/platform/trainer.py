@@ -37,6 +37,11 @@ class TrainResult:
     eval: dict[str, float] | None
     checkpoint: Path | None
     losses: list[float]
+    samples_per_s: float
+    """Global training samples/s over the steps after the first WARMUP_STEPS of this process."""
+
+
+WARMUP_STEPS = 10
 
 
 @dataclass
@@ -117,32 +122,27 @@ class Trainer:
         total = self.total_steps()
         pipeline = make_pipeline(self.job.train.pipeline, model=self.model, optimizer=self.optimizer, device=self.ctx.device)
         data = itertools.islice(self.batches(self.step), total - self.step)
-        losses: list[float] = []
+        progress = _Progress(self, total=total)
         last_ckpt: Path | None = None
         result_eval: dict[str, float] | None = None
-        bar = tqdm(total=total, initial=self.step, disable=not (self.ctx.is_main and self.job.train.progress_bar), unit="step")
         self.model.train()
-        t0, samples = time.perf_counter(), 0
         while self.step < total:
             loss, _, labels = pipeline.progress(data)
             self.step += 1
-            losses.append(float(loss))
-            samples += labels.numel() * self.ctx.world_size
-            rate = samples / (time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{rate:,.0f}")
-            if self.step % self.job.train.log_interval == 0:
-                self.log.write("train", step=self.step, loss=sum(losses[-self.job.train.log_interval:]) / self.job.train.log_interval, samples_per_s=rate)
+            progress.update(loss, labels.numel() * self.ctx.world_size)
             if self._due(self.job.train.eval_interval) and self.step < total:
                 result_eval = self.evaluate(pipeline)
             if self._due(self.job.checkpoint.interval) and self.step < total:
                 last_ckpt = self.save()
-        bar.close()
+        progress.close()
+        rate = progress.measured()
         if self.data.eval is not None:
             result_eval = self.evaluate(pipeline)
         if self.job.checkpoint.enabled:
             last_ckpt = self.save()
-        return TrainResult(step=self.step, eval=result_eval, checkpoint=last_ckpt, losses=losses)
+        return TrainResult(
+            step=self.step, eval=result_eval, checkpoint=last_ckpt, losses=progress.losses(), samples_per_s=rate
+        )
 
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0
@@ -182,6 +182,45 @@ class Trainer:
             is_main=self.ctx.is_main,
             keep_last_n=self.job.checkpoint.keep_last_n,
         )
+
+
+class _Progress:
+    """Progress bar, metrics records and throughput of one training run."""
+
+    def __init__(self, trainer: Trainer, *, total: int) -> None:
+        self.trainer = trainer
+        self.interval = trainer.job.train.log_interval
+        show = trainer.ctx.is_main and trainer.job.train.progress_bar
+        self.bar = tqdm(total=total, initial=trainer.step, disable=not show, unit="step", mininterval=1.0)
+        self._losses: list[torch.Tensor] = []
+        self.start = time.perf_counter()
+        self.samples = 0
+        self.warm = (self.start, 0)
+
+    def update(self, loss: torch.Tensor, samples: int) -> None:
+        """Records one finished step; reads the loss off the device only every ``log_interval`` steps."""
+        self._losses.append(loss.detach())
+        self.samples += samples
+        if len(self._losses) == WARMUP_STEPS:
+            self.warm = (time.perf_counter(), self.samples)
+        self.bar.update(1)
+        if self.trainer.step % self.interval == 0:
+            recent = float(torch.stack(self._losses[-self.interval :]).mean())
+            rate = self.samples / (time.perf_counter() - self.start)
+            self.bar.set_postfix(loss=f"{recent:.4f}", samples_s=f"{rate:,.0f}")
+            self.trainer.log.write("train", step=self.trainer.step, loss=recent, samples_per_s=rate)
+
+    def losses(self) -> list[float]:
+        """Every step's loss on this rank."""
+        return [float(x) for x in self._losses]
+
+    def measured(self) -> float:
+        """Global samples/s after the warm-up steps (or over all steps of a short run)."""
+        return (self.samples - self.warm[1]) / max(time.perf_counter() - self.warm[0], 1e-9)
+
+    def close(self) -> None:
+        """Closes the progress bar."""
+        self.bar.close()
 
 
 def _tables(module: nn.Module) -> dict[str, tuple[int, int]]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_ranks, tiny_job
+from helpers import tiny_job
+from shardrec.launch.spawn import run_ranks
 from shardrec.platform.worker import run
 from shardrec.sharding.sharders import ALL_SHARDING_TYPES
 
