@@ -53,7 +53,7 @@ class DeepFM(nn.Module):
     """DeepFM from Guo et al. 2017, "DeepFM: A Factorization-Machine based Neural Network for CTR
     Prediction".
 
-    logit = first order (dim-1 tables over the ids + Linear over dense) + FM pairwise term over the
+    logit = first order (first-order tables over the ids + Linear over dense) + FM pairwise term over the
     pooled embeddings + deep MLP over [pooled embeddings, dense]. All tables must share one
     embedding_dim D.
 

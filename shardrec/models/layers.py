@@ -20,7 +20,10 @@ from shardrec.data.schema import FeatureSchema, TableConfig
 from shardrec.errors import ConfigError
 
 LINEAR_SUFFIX = "_linear"
-"""Suffix of the first-order (dim 1) tables that wide/linear parts add next to each schema table."""
+"""Suffix of the first-order tables that wide/linear parts add next to each schema table."""
+FIRST_ORDER_DIM = 4
+"""Width of a first-order table: FBGEMM's kernels need widths divisible by 4, so each id's scalar
+weight is kept as the sum of 4 numbers (the same linear model, slightly over-parameterized)."""
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
@@ -85,12 +88,12 @@ def build_ebc(schema: FeatureSchema, *, device: torch.device) -> EmbeddingBagCol
 
 
 def build_linear_ebc(schema: FeatureSchema, *, device: torch.device) -> EmbeddingBagCollection:
-    """First-order weights: one dim-1 table ``f"{table}_linear"`` per schema table.
+    """First-order weights: one table ``f"{table}_linear"`` of width FIRST_ORDER_DIM per schema table.
 
-    Each pooled output is a feature's (summed or averaged) weight per id: the first-order term of
-    a linear model over one-hot ids.
+    Summed over its width, each pooled output is a feature's (summed or averaged) weight per id:
+    the first-order term of a linear model over one-hot ids.
     """
-    configs = [_bag_config(t, schema, name=f"{t.name}{LINEAR_SUFFIX}", dim=1) for t in schema.tables]
+    configs = [_bag_config(t, schema, name=f"{t.name}{LINEAR_SUFFIX}", dim=FIRST_ORDER_DIM) for t in schema.tables]
     return EmbeddingBagCollection(tables=configs, device=device)
 
 
@@ -123,7 +126,7 @@ class FirstOrder(nn.Module):
     """Linear model over the raw features: one learned weight per id plus a Linear over dense.
 
     Args:
-        schema: features and tables; ``ebc`` gets one dim-1 table ``f"{table}_linear"`` each.
+        schema: features and tables; ``ebc`` gets one table ``f"{table}_linear"`` each.
         device: where the weights are created.
     """
 

@@ -36,7 +36,7 @@ class WideDeepConfig:
 class WideDeep(nn.Module):
     """Wide & Deep from Cheng et al. 2016, "Wide & Deep Learning for Recommender Systems".
 
-    logit = wide (dim-1 tables over the ids + Linear over dense) + deep MLP over [pooled
+    logit = wide (first-order tables over the ids + Linear over dense) + deep MLP over [pooled
     embeddings, dense]. Tables may have different embedding_dims.
 
     Example::

@@ -72,7 +72,7 @@ class Trainer:
         fuse_sparse_optimizer(module, job.train.sparse_optimizer)
         spec = topology_spec(job.sharding, world_size=ctx.world_size, local_world_size=ctx.local_world_size)
         sharders = default_sharders()
-        plan = make_plan(module, cfg=job.sharding, tables=list(tables), topology=spec, pg=torch.distributed.GroupMember.WORLD, sharders=sharders)
+        plan = make_plan(module, cfg=job.sharding, tables=tables, topology=spec, pg=torch.distributed.GroupMember.WORLD, sharders=sharders)
         if ctx.is_main:
             rows = plan_rows(plan, tables)
             print("sharding plan:\n" + format_plan(rows), flush=True)

@@ -24,9 +24,11 @@ class TableConstraint:
     min_partition: int | None = None
     """Smallest column-shard width for column-wise sharding."""
 
-    def __post_init__(self) -> None:
-        if self.sharding_types is not None and not self.sharding_types:
-            raise ConfigError("sharding constraint 'sharding_types' must list at least one type, or be left unset")
+    def check(self, key: str) -> None:
+        """Raises a ConfigError naming ``key`` if a list is empty."""
+        for name in ("sharding_types", "compute_kernels"):
+            if getattr(self, name) == []:
+                raise ConfigError(f"'{key}.{name}' must list at least one choice, or be left unset")
 
 
 @dataclass(kw_only=True)
@@ -45,6 +47,9 @@ class ShardingConfig:
     def __post_init__(self) -> None:
         if self.memory_per_device_gb is not None and self.memory_per_device_gb <= 0:
             raise ConfigError(f"sharding.memory_per_device_gb must be > 0, got {self.memory_per_device_gb}")
+        self.default.check("sharding.default")
+        for name, constraint in self.tables.items():
+            constraint.check(f"sharding.tables.{name}")
 
     def constraint_for(self, table: str) -> TableConstraint:
         """The constraint that applies to ``table``."""

@@ -109,6 +109,13 @@ def make_plan(
         return planner.plan(model, sharders)
     except PlannerError as e:
         raise PlanError(_plan_failure(e, tables, topology)) from e
+    except RuntimeError as e:
+        # torchrec raises a bare RuntimeError when constraints leave a table no option at all.
+        raise PlanError(
+            f"the sharding constraints leave some table no valid (sharding type, compute kernel) pair on "
+            f"{topology.compute_device}: {e}\n  fix: widen sharding.default or sharding.tables.<name>; "
+            "fused_uvm kernels need cuda, and row-wise types need a fused kernel"
+        ) from e
 
 
 def _plan_failure(error: PlannerError, tables: dict[str, tuple[int, int]], topology: TopologySpec) -> str:

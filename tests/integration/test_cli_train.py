@@ -136,3 +136,11 @@ def test_nan_in_dense_rejected_unless_filled(tmp_path: Path, capsys: pytest.Capt
     job["train"]["steps"] = 2
     (tmp_path / "nan.yaml").write_text(yaml.safe_dump(job))
     assert cli_main(["train", str(tmp_path / "nan.yaml"), "--nproc", "1"]) == 0
+
+
+def test_plan_that_does_not_fit_names_tables_and_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = _write_job(tmp_path, checkpoint={"enabled": True})
+    assert cli_main(["train", str(job), "--nproc", "1", "--sharding.memory_per_device_gb=0.00001"]) == 2
+    err = capsys.readouterr().err
+    assert "no sharding plan fits" in err and "t_C3" in err and "options:" in err
+    assert not list((tmp_path / "runs").glob("*/*/checkpoints/step-*"))

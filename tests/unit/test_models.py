@@ -186,7 +186,7 @@ def test_build_ebc_follows_table_configs() -> None:
     got = [(c.name, c.num_embeddings, c.embedding_dim, c.feature_names, c.pooling) for c in main.embedding_bag_configs()]
     assert got == [("t1", 10, 4, ["a", "c"], PoolingType.MEAN), ("t2", 7, 4, ["b"], PoolingType.SUM)]
     linear_tables = [(c.name, c.embedding_dim) for c in linear.embedding_bag_configs()]
-    assert linear_tables == [("t1_linear", 1), ("t2_linear", 1)]
+    assert linear_tables == [("t1_linear", layers.FIRST_ORDER_DIM), ("t2_linear", layers.FIRST_ORDER_DIM)]
 
 
 def test_pooled_by_feature_restores_schema_order() -> None:
