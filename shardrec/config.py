@@ -140,8 +140,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """Reads a YAML mapping from ``path`` with errors that name the file."""
+def load_yaml(path: Path, *, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Reads a YAML mapping from ``path`` with errors that name the file.
+
+    A top-level ``include: [a.yaml, ...]`` (paths relative to this file) merges those files first,
+    in order; this file's own keys then override theirs, section by section.
+    """
+    data = _read_yaml(path)
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"config file '{path}': 'include' must be a file name or a list of them")
+    merged: dict[str, Any] = {}
+    for name in includes:
+        target = (path.parent / name).resolve()
+        if target in _seen:
+            raise ConfigError(f"config file '{path}': 'include' of '{name}' forms a cycle")
+        merged = merge(merged, load_yaml(target, _seen=(*_seen, path.resolve())))
+    return merge(merged, data)
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: nested mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML job file")
     try:
@@ -170,4 +201,4 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-__all__ = ["build", "convert", "apply_overrides", "load_yaml", "to_dict"]
+__all__ = ["build", "convert", "apply_overrides", "load_yaml", "merge", "to_dict"]
