@@ -10,7 +10,9 @@ in one run for each pipeline. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import statistics
 from pathlib import Path
 from typing import Iterator
@@ -38,8 +40,9 @@ def _rank(job: JobConfig, source: str, run_dir: Path) -> float:
     ctx = init_distributed(compute_device="cpu")
     try:
         cls = InMemoryTrainer if source == "memory" else Trainer
-        trainer = cls(job, ctx=ctx, run_dir=run_dir, data=DataPaths(Path(job.data.train_path or ""), None))
-        return trainer.fit().samples_per_s
+        with contextlib.redirect_stdout(io.StringIO()):  # the plan, printed by every run
+            trainer = cls(job, ctx=ctx, run_dir=run_dir, data=DataPaths(Path(job.data.train_path or ""), None))
+            return trainer.fit().samples_per_s
     finally:
         shutdown()
 

@@ -280,7 +280,7 @@ def test_default_job_round_trips_through_dump(tmp_path: Path) -> None:
     # The default job's values survive, not just the structure.
     assert again.model == {"name": "dlrm", "dense_arch_layer_sizes": [64, 16], "over_arch_layer_sizes": [64, 32, 1]}
     assert len(again.features.tables) == 26 and again.features.table("t_C24").num_embeddings == 100_000
-    assert again.data.synthetic is not None and again.data.synthetic.train_rows == 200_000
+    assert again.data.synthetic is not None and again.data.synthetic.train_rows == 320_000
 
 
 def test_non_default_values_round_trip(tmp_path: Path) -> None:
