@@ -24,7 +24,7 @@ class TrainConfig:
     log_interval: int = 50
     """Append a training record to metrics.jsonl every this many steps."""
     pipeline: Literal["auto", "sparse_dist", "base"] = "auto"
-    """Training pipeline; auto: sparse_dist on cuda, base on cpu (faster there: see docs/benchmarks.md)."""
+    """Training pipeline; auto: sparse_dist, the faster one on cuda and on cpu (docs/benchmarks.md)."""
     seed: int = 0
     """Seed of initialization; the same seed gives the same run."""
     progress_bar: bool = True

@@ -51,3 +51,18 @@ def test_same_seed_same_result(tmp_path: Path) -> None:
     second = run_ranks(_train, tmp_path, "row_wise", 8)
     assert [r["losses"] for r in first] == [r["losses"] for r in second]
     assert first[0]["eval"] == second[0]["eval"]
+
+
+def _train_with_pipeline(tmp: Path, pipeline: str) -> list[float]:
+    job = tiny_job(tmp, steps=12, train={"pipeline": pipeline, "steps": 12})
+    run_dir = tmp / f"run-{pipeline}"
+    run_dir.mkdir(exist_ok=True)
+    return run(job, run_dir=run_dir, resume=None).losses
+
+
+def test_pipelines_compute_the_same_losses(tmp_path: Path) -> None:
+    tiny_job(tmp_path)
+    base = run_ranks(_train_with_pipeline, tmp_path, "base")
+    sparse_dist = run_ranks(_train_with_pipeline, tmp_path, "sparse_dist")
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.tensor(base[rank]), torch.tensor(sparse_dist[rank]), atol=1e-6, rtol=0)
