@@ -55,22 +55,70 @@ class DenseFeature:
 
 @dataclass(kw_only=True)
 class SparseFeature:
-    """A column of ids (one per row, or a list per row) looked up in one table."""
+    """Ids looked up in one table: a sparse id, multi-hot, weighted, sequence, bucketized or combo feature.
+
+    The kind follows from the fields set:
+
+    - sparse id / multi-hot: the ``source`` column holds one id or a list of ids per row;
+    - weighted: ``weights`` names a column of float lists aligned with the id lists (KJT weights);
+    - sequence: ``sequence: true``, an ordered history (oldest first) that the model reads unpooled
+      through an EmbeddingCollection, cut to its ``max_len`` most recent ids;
+    - bucketized: ``boundaries`` turn the numeric ``source`` column into the id of its bucket;
+    - combo: ``cross`` lists id columns whose values in one row are crossed and hashed into the table.
+    """
 
     name: str
-    """Column name in the data; also the KeyedJaggedTensor key."""
+    """KeyedJaggedTensor key; also the column read, unless ``source`` names another."""
     table: str
     """Name of the table in ``features.tables`` this feature looks up."""
+    source: str | None = None
+    """Column to read; unset: ``name``. Lets several features read one column."""
     hash: bool = False
     """Hash raw ids (strings or any int) into [0, num_embeddings); off: ids must already be in range."""
+    weights: str | None = None
+    """Column of per-id float weights (a list per row, aligned with the ids): a weighted id feature."""
+    sequence: bool = False
+    """An ordered history read unpooled (EmbeddingCollection); its table then serves sequences only."""
+    max_len: int | None = None
+    """Keep at most this many ids per row: the last ``max_len`` (for a history, the most recent)."""
+    boundaries: list[float] | None = None
+    """Bucketize the numeric ``source`` column: id = number of boundaries <= value (nulls: no id)."""
+    cross: list[str] | None = None
+    """Id columns crossed per row and hashed into the table (a row with a null part gets no id)."""
+
+    def __post_init__(self) -> None:
+        where = f"features.sparse '{self.name}'"
+        if self.max_len is not None and self.max_len <= 0:
+            raise ConfigError(f"{where}: max_len must be > 0, got {self.max_len}")
+        if self.boundaries is not None:
+            if self.cross or self.weights or self.hash:
+                raise ConfigError(f"{where}: boundaries cannot be combined with cross, weights or hash")
+            if list(self.boundaries) != sorted(set(self.boundaries)) or not self.boundaries:
+                raise ConfigError(f"{where}: boundaries must be a non-empty, strictly increasing list")
+        if self.cross is not None:
+            if len(self.cross) < 2 or self.source is not None or self.weights:
+                raise ConfigError(f"{where}: cross needs two or more columns and no source or weights")
+        if self.sequence and self.weights:
+            raise ConfigError(f"{where}: a sequence feature cannot be weighted")
+
+    @property
+    def column(self) -> str:
+        """The data column this feature reads (not used by combo features)."""
+        return self.source or self.name
+
+    @property
+    def columns(self) -> list[str]:
+        """Every data column this feature reads."""
+        cols = list(self.cross) if self.cross else [self.column]
+        return cols + ([self.weights] if self.weights else [])
 
 
 @dataclass(kw_only=True)
 class FeatureSchema:
     """The features a model reads and the tables behind them."""
 
-    label: str = "label"
-    """Column holding the 0/1 label."""
+    label: str | list[str] = "label"
+    """Column holding the 0/1 label, or a list of them for multi-task models (labels ``[B, T]``)."""
     dense: list[DenseFeature] = field(default_factory=list)
     """Dense float features, in the order of the dense tensor's columns."""
     sparse: list[SparseFeature] = field(default_factory=list)
@@ -92,6 +140,33 @@ class FeatureSchema:
         unused = [t for t in tables if t not in used]
         if unused:
             raise ConfigError(f"features.tables: table '{unused[0]}' is used by no sparse feature; remove it or bind a feature to it")
+        for f in self.sparse:
+            if f.boundaries is not None and self.table(f.table).num_embeddings < len(f.boundaries) + 1:
+                raise ConfigError(
+                    f"features.sparse '{f.name}': {len(f.boundaries)} boundaries make {len(f.boundaries) + 1} buckets, "
+                    f"more than table '{f.table}' has rows; raise its num_embeddings"
+                )
+        if isinstance(self.label, list) and not self.label:
+            raise ConfigError("features.label: a list of labels must name at least one column")
+
+    @property
+    def labels(self) -> list[str]:
+        """Label columns, one per task."""
+        return list(self.label) if isinstance(self.label, list) else [self.label]
+
+    @property
+    def weighted_names(self) -> list[str]:
+        """Keys of weighted features (``Batch.weighted_features``), in schema order."""
+        return [f.name for f in self.sparse if f.weights]
+
+    @property
+    def unweighted_names(self) -> list[str]:
+        """Keys of ``Batch.sparse_features``: every feature without weights, in schema order."""
+        return [f.name for f in self.sparse if not f.weights]
+
+    def sequence_tables(self) -> list[str]:
+        """Tables read by a sequence feature: every feature of such a table reaches the model unpooled."""
+        return sorted({f.table for f in self.sparse if f.sequence})
 
     def table(self, name: str) -> TableConfig:
         """Returns the table called ``name``."""
