@@ -11,22 +11,18 @@ import itertools
 import math
 import queue
 import threading
-from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.batch import Batch
-from shardrec.data.hashing import hash_ids, is_string_type
-from shardrec.data.schema import FeatureSchema, SparseFeature
+from shardrec.data.decode import Assembler, Chunk, decode
+from shardrec.data.hashing import is_string_type
+from shardrec.data.schema import FeatureSchema
 from shardrec.errors import DataError
 
 _Role = Literal["label", "dense", "sparse"]
@@ -147,175 +143,6 @@ def _check_same_types(first: tuple[Path, pa.Schema], other: tuple[Path, pa.Schem
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding one row group (slice) into numpy arrays.
-
-
-@dataclass
-class _Chunk:
-    """Decoded rows of one row group slice; sparse arrays are per key, in schema order."""
-
-    dense: np.ndarray
-    labels: np.ndarray
-    lengths: list[np.ndarray]
-    offsets: list[np.ndarray]
-    values: list[np.ndarray]
-
-    @property
-    def rows(self) -> int:
-        return len(self.labels)
-
-
-def _decode(table: pa.Table, schema: FeatureSchema, where: str) -> _Chunk:
-    """Decodes a table of the schema's columns; ``where`` names the file and row group in errors."""
-    lengths, offsets, values = [], [], []
-    for i, f in enumerate(schema.sparse):
-        n, v = _decode_sparse(table.column(f.name).combine_chunks(), f, i, schema, where)
-        lengths.append(n)
-        offsets.append(np.concatenate(([0], np.cumsum(n, dtype=np.int64))))
-        values.append(v)
-    return _Chunk(
-        dense=_decode_dense(table, schema, where),
-        labels=_decode_labels(table.column(schema.label), schema.label, where),
-        lengths=lengths,
-        offsets=offsets,
-        values=values,
-    )
-
-
-def _to_float32(col: pa.ChunkedArray) -> np.ndarray:
-    """float32 values with NaN for nulls."""
-    return pc.cast(col, pa.float32(), safe=False).to_numpy()
-
-
-def _decode_dense(table: pa.Table, schema: FeatureSchema, where: str) -> np.ndarray:
-    out = np.empty((table.num_rows, len(schema.dense)), dtype=np.float32)
-    for i, f in enumerate(schema.dense):
-        x = _to_float32(table.column(f.name))
-        missing = np.isnan(x)
-        if missing.any():
-            if f.fill_missing is None:
-                raise DataError(
-                    f"{where}: column '{f.name}' has {int(missing.sum())} null or NaN values; "
-                    f"set features.dense[{i}].fill_missing to the value to use for them"
-                )
-            x = np.where(missing, np.float32(f.fill_missing), x)
-        if f.transform == "log1p":
-            x = np.log1p(np.maximum(x, 0))
-        out[:, i] = x
-    return out
-
-
-def _decode_labels(col: pa.ChunkedArray, name: str, where: str) -> np.ndarray:
-    y = _to_float32(col)
-    bad = (y != 0) & (y != 1)
-    if bad.any():
-        value = y[bad][0]
-        shown = "null/NaN" if np.isnan(value) else repr(float(value))
-        raise DataError(
-            f"{where}: label column '{name}' holds {shown}; "
-            "labels must be 0 or 1: fix the data or set features.label to the 0/1 column"
-        )
-    return y
-
-
-def _decode_sparse(
-    arr: pa.Array, f: SparseFeature, index: int, schema: FeatureSchema, where: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """int32 lengths per row and int64 ids of one sparse column."""
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    if isinstance(arr, (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray)):
-        lengths, items = _flatten_lists(arr)
-    elif arr.null_count:
-        lengths = arr.is_valid().to_numpy(zero_copy_only=False).astype(np.int32)
-        items = arr.drop_null()
-    else:
-        lengths, items = np.ones(len(arr), dtype=np.int32), arr
-    return lengths, _ids(items, f, index, schema, where)
-
-
-def _flatten_lists(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
-    """Lengths (null list: 0) and the flattened items, dropping null items inside lists."""
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy().astype(np.int32)
-    items = pc.list_flatten(arr)
-    if pa.types.is_dictionary(items.type):
-        items = items.dictionary_decode()
-    if items.null_count:
-        keep = items.is_valid().to_numpy(zero_copy_only=False)
-        parents = np.repeat(np.arange(len(arr)), lengths)
-        lengths = np.bincount(parents[keep], minlength=len(arr)).astype(np.int32)
-        items = items.filter(keep)
-    return lengths, items
-
-
-def _ids(items: pa.Array, f: SparseFeature, index: int, schema: FeatureSchema, where: str) -> np.ndarray:
-    rows = schema.table(f.table).num_embeddings
-    if f.hash:
-        return hash_ids(items, rows)
-    ids = items.to_numpy()
-    bad = (ids < 0) | (ids >= rows)
-    if bad.any():
-        raise DataError(
-            f"{where}: feature '{f.name}' (features.sparse[{index}]) has id {ids[bad][0]}, outside [0, {rows}) of "
-            f"table '{f.table}'; set features.sparse[{index}].hash: true to hash raw ids, or raise "
-            f"num_embeddings of table '{f.table}' in features.tables"
-        )
-    return ids.astype(np.int64, copy=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Cutting batches out of decoded chunks.
-
-
-class _Assembler:
-    """Queues decoded chunks and cuts batches of any size from their front."""
-
-    def __init__(self, keys: list[str]) -> None:
-        self._keys = keys
-        self._parts: deque[tuple[_Chunk, int]] = deque()
-        self.rows = 0
-
-    def add(self, chunk: _Chunk) -> None:
-        self._parts.append((chunk, 0))
-        self.rows += chunk.rows
-
-    def take(self, size: int) -> Batch:
-        """Removes the first ``size`` queued rows and returns them as a Batch."""
-        spans = self._pop(size)
-        num_keys = len(self._keys)
-        lengths = [c.lengths[k][a:b] for k in range(num_keys) for c, a, b in spans]
-        values = [c.values[k][c.offsets[k][a] : c.offsets[k][b]] for k in range(num_keys) for c, a, b in spans]
-        return Batch(
-            dense_features=torch.from_numpy(np.concatenate([c.dense[a:b] for c, a, b in spans])),
-            sparse_features=KeyedJaggedTensor(
-                keys=self._keys,
-                values=torch.from_numpy(_cat(values, np.int64)),
-                lengths=torch.from_numpy(_cat(lengths, np.int32)),
-                stride=size,
-            ),
-            labels=torch.from_numpy(np.concatenate([c.labels[a:b] for c, a, b in spans])),
-        )
-
-    def _pop(self, size: int) -> list[tuple[_Chunk, int, int]]:
-        assert 0 < size <= self.rows, (size, self.rows)
-        spans = []
-        while size:
-            chunk, start = self._parts.popleft()
-            end = min(chunk.rows, start + size)
-            spans.append((chunk, start, end))
-            if end < chunk.rows:
-                self._parts.appendleft((chunk, end))
-            size -= end - start
-            self.rows -= end - start
-        return spans
-
-
-def _cat(arrays: list[np.ndarray], dtype: type[np.generic]) -> np.ndarray:
-    """Concatenation that also accepts no arrays (a schema without sparse features)."""
-    return np.concatenate(arrays, dtype=dtype) if arrays else np.empty(0, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------
 # The reader.
 
 
@@ -414,7 +241,7 @@ class ParquetReader:
         return self._batches()
 
     def _batches(self) -> Generator[Batch, None, None]:
-        assembler = _Assembler(self._schema.sparse_names)
+        assembler = Assembler(self._schema.sparse_names)
         for chunk in self._chunks():
             assembler.add(chunk)
             while assembler.rows >= self._batch_size:
@@ -422,7 +249,7 @@ class ParquetReader:
         if assembler.rows:
             yield assembler.take(assembler.rows)
 
-    def _chunks(self) -> Iterator[_Chunk]:
+    def _chunks(self) -> Iterator[Chunk]:
         """Decoded slices of the row groups that overlap this rank's rows from ``start_batch`` on."""
         first = self._first_row + self._start_batch * self._batch_size
         end = self._end_row
@@ -432,7 +259,7 @@ class ParquetReader:
                 for g in groups:
                     lo, hi = max(first, g.start) - g.start, min(end, g.start + g.rows) - g.start
                     table = pf.read_row_group(g.index, columns=self._columns).slice(lo, hi - lo)
-                    yield _decode(table, self._schema, where=f"'{file}' row group {g.index}")
+                    yield decode(table, self._schema, where=f"'{file}' row group {g.index}")
 
 
 # ---------------------------------------------------------------------------------------------
