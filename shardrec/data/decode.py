@@ -18,8 +18,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.batch import Batch
-from shardrec.data.hashing import hash_ids
-from shardrec.data.schema import FeatureSchema, SparseFeature
+from shardrec.data.schema import FeatureSchema
+from shardrec.data.sparse import SparseColumn, decode_sparse
 from shardrec.errors import DataError
 
 # ---------------------------------------------------------------------------------------------
@@ -28,13 +28,14 @@ from shardrec.errors import DataError
 
 @dataclass
 class Chunk:
-    """Decoded rows of one row group slice; sparse arrays are per key, in schema order."""
+    """Decoded rows of one row group slice; sparse columns in schema order."""
 
     dense: np.ndarray
     labels: np.ndarray
-    lengths: list[np.ndarray]
+    """``[rows]`` for one label, ``[rows, tasks]`` for several."""
+    sparse: list[SparseColumn]
     offsets: list[np.ndarray]
-    values: list[np.ndarray]
+    """Per sparse column: row offsets into its values (rows + 1 entries)."""
 
     @property
     def rows(self) -> int:
@@ -43,18 +44,13 @@ class Chunk:
 
 def decode(table: pa.Table, schema: FeatureSchema, where: str) -> Chunk:
     """Decodes a table of the schema's columns; ``where`` names the file and row group in errors."""
-    lengths, offsets, values = [], [], []
-    for i, f in enumerate(schema.sparse):
-        n, v = _decode_sparse(table.column(f.name).combine_chunks(), f, i, schema, where)
-        lengths.append(n)
-        offsets.append(np.concatenate(([0], np.cumsum(n, dtype=np.int64))))
-        values.append(v)
+    sparse = [decode_sparse(table, f, i, schema, where) for i, f in enumerate(schema.sparse)]
+    labels = [_decode_labels(table.column(name), name, where) for name in schema.labels]
     return Chunk(
         dense=_decode_dense(table, schema, where),
-        labels=_decode_labels(table.column(schema.label), schema.label, where),
-        lengths=lengths,
-        offsets=offsets,
-        values=values,
+        labels=labels[0] if isinstance(schema.label, str) else np.stack(labels, axis=1),
+        sparse=sparse,
+        offsets=[np.concatenate(([0], np.cumsum(c.lengths, dtype=np.int64))) for c in sparse],
     )
 
 
@@ -94,51 +90,6 @@ def _decode_labels(col: pa.ChunkedArray, name: str, where: str) -> np.ndarray:
     return y
 
 
-def _decode_sparse(
-    arr: pa.Array, f: SparseFeature, index: int, schema: FeatureSchema, where: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """int32 lengths per row and int64 ids of one sparse column."""
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    if isinstance(arr, (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray)):
-        lengths, items = _flatten_lists(arr)
-    elif arr.null_count:
-        lengths = arr.is_valid().to_numpy(zero_copy_only=False).astype(np.int32)
-        items = arr.drop_null()
-    else:
-        lengths, items = np.ones(len(arr), dtype=np.int32), arr
-    return lengths, _ids(items, f, index, schema, where)
-
-
-def _flatten_lists(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
-    """Lengths (null list: 0) and the flattened items, dropping null items inside lists."""
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy().astype(np.int32)
-    items = pc.list_flatten(arr)
-    if pa.types.is_dictionary(items.type):
-        items = items.dictionary_decode()
-    if items.null_count:
-        keep = items.is_valid().to_numpy(zero_copy_only=False)
-        parents = np.repeat(np.arange(len(arr)), lengths)
-        lengths = np.bincount(parents[keep], minlength=len(arr)).astype(np.int32)
-        items = items.filter(keep)
-    return lengths, items
-
-
-def _ids(items: pa.Array, f: SparseFeature, index: int, schema: FeatureSchema, where: str) -> np.ndarray:
-    rows = schema.table(f.table).num_embeddings
-    if f.hash:
-        return hash_ids(items, rows)
-    ids = items.to_numpy()
-    bad = (ids < 0) | (ids >= rows)
-    if bad.any():
-        raise DataError(
-            f"{where}: feature '{f.name}' (features.sparse[{index}]) has id {ids[bad][0]}, outside [0, {rows}) of "
-            f"table '{f.table}'; set features.sparse[{index}].hash: true to hash raw ids, or raise "
-            f"num_embeddings of table '{f.table}' in features.tables"
-        )
-    return ids.astype(np.int64, copy=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # Cutting batches out of decoded chunks.
 
@@ -146,8 +97,10 @@ def _ids(items: pa.Array, f: SparseFeature, index: int, schema: FeatureSchema, w
 class Assembler:
     """Queues decoded chunks and cuts batches of any size from their front."""
 
-    def __init__(self, keys: list[str]) -> None:
-        self._keys = keys
+    def __init__(self, schema: FeatureSchema) -> None:
+        weighted = [f.weights is not None for f in schema.sparse]
+        self._plain = [(i, f.name) for i, f in enumerate(schema.sparse) if not weighted[i]]
+        self._weighted = [(i, f.name) for i, f in enumerate(schema.sparse) if weighted[i]]
         self._parts: deque[tuple[Chunk, int]] = deque()
         self.rows = 0
 
@@ -158,18 +111,11 @@ class Assembler:
     def take(self, size: int) -> Batch:
         """Removes the first ``size`` queued rows and returns them as a Batch."""
         spans = self._pop(size)
-        num_keys = len(self._keys)
-        lengths = [c.lengths[k][a:b] for k in range(num_keys) for c, a, b in spans]
-        values = [c.values[k][c.offsets[k][a] : c.offsets[k][b]] for k in range(num_keys) for c, a, b in spans]
         return Batch(
             dense_features=torch.from_numpy(np.concatenate([c.dense[a:b] for c, a, b in spans])),
-            sparse_features=KeyedJaggedTensor(
-                keys=self._keys,
-                values=torch.from_numpy(_cat(values, np.int64)),
-                lengths=torch.from_numpy(_cat(lengths, np.int32)),
-                stride=size,
-            ),
+            sparse_features=_kjt(self._plain, spans, size, weighted=False),
             labels=torch.from_numpy(np.concatenate([c.labels[a:b] for c, a, b in spans])),
+            weighted_features=_kjt(self._weighted, spans, size, weighted=True) if self._weighted else None,
         )
 
     def _pop(self, size: int) -> list[tuple[Chunk, int, int]]:
@@ -184,6 +130,23 @@ class Assembler:
             size -= end - start
             self.rows -= end - start
         return spans
+
+
+def _kjt(keys: list[tuple[int, str]], spans: list[tuple[Chunk, int, int]], size: int, *, weighted: bool) -> KeyedJaggedTensor:
+    """The KJT of the features ``keys`` (index in the schema, name) over ``spans`` of chunks."""
+    lengths = [c.sparse[k].lengths[a:b] for k, _ in keys for c, a, b in spans]
+    values = [c.sparse[k].values[c.offsets[k][a] : c.offsets[k][b]] for k, _ in keys for c, a, b in spans]
+    weights = None
+    if weighted:
+        parts = [c.sparse[k].weights[c.offsets[k][a] : c.offsets[k][b]] for k, _ in keys for c, a, b in spans]  # type: ignore[index]
+        weights = torch.from_numpy(_cat(parts, np.float32))
+    return KeyedJaggedTensor(
+        keys=[name for _, name in keys],
+        values=torch.from_numpy(_cat(values, np.int64)),
+        lengths=torch.from_numpy(_cat(lengths, np.int32)),
+        weights=weights,
+        stride=size,
+    )
 
 
 def _cat(arrays: list[np.ndarray], dtype: type[np.generic]) -> np.ndarray:

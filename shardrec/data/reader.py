@@ -241,7 +241,7 @@ class ParquetReader:
         return self._batches()
 
     def _batches(self) -> Generator[Batch, None, None]:
-        assembler = Assembler(self._schema.sparse_names)
+        assembler = Assembler(self._schema)
         for chunk in self._chunks():
             assembler.add(chunk)
             while assembler.rows >= self._batch_size:

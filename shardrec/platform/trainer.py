@@ -129,7 +129,7 @@ class Trainer:
         while self.step < total:
             loss, _, labels = pipeline.progress(data)
             self.step += 1
-            progress.update(loss, labels.numel() * self.ctx.world_size)
+            progress.update(loss, labels.shape[0] * self.ctx.world_size)
             if self._due(self.job.train.eval_interval) and self.step < total:
                 result_eval = self.evaluate(pipeline)
             if self._due(self.job.checkpoint.interval) and self.step < total:
