@@ -51,6 +51,11 @@ def _rank(job: JobConfig, source: str, run_dir: Path) -> float:
         shutdown()
 
 
+def measure(job: JobConfig, source: str, run_dir: Path, *, nproc: int, repeats: int = 1) -> float:
+    """Median global training samples/s of ``job`` on ``nproc`` ranks with ``source`` batches."""
+    return statistics.median(run_ranks(_rank, job, source, run_dir, world_size=nproc, timeout=900)[0] for _ in range(repeats))
+
+
 def bench_job(steps: int, pipeline: str, run_dir: Path) -> JobConfig:
     """The default job with ``pipeline``, no evaluation, checkpoints or progress bar."""
     job = resolve_data(load_job(None, [f"train.steps={steps}", f"train.pipeline={pipeline}", "train.progress_bar=false",
@@ -71,9 +76,9 @@ def main() -> None:
     for pipeline in ("base", "sparse_dist"):
         job = bench_job(args.steps, pipeline, args.run_dir)
         rates: dict[str, list[float]] = {"parquet": [], "memory": []}
-        for _ in range(args.repeats):
+        for _ in range(args.repeats):  # interleaved, so drifts of the machine hit both alike
             for source in ("parquet", "memory"):
-                rates[source].append(run_ranks(_rank, job, source, args.run_dir, world_size=args.nproc, timeout=900)[0])
+                rates[source].append(measure(job, source, args.run_dir, nproc=args.nproc))
         parquet, memory = statistics.median(rates["parquet"]), statistics.median(rates["memory"])
         print(f"| {pipeline} | {parquet:,.0f} | {memory:,.0f} | {parquet / memory:.3f} |", flush=True)
 

@@ -24,18 +24,46 @@ from torchrec.distributed.types import ModuleSharder, ParameterSharding, Shardin
 from shardrec.errors import PlanError
 from shardrec.sharding.config import ShardingConfig
 from shardrec.sharding.sharders import default_sharders
-
-GiB = 1024**3
-
+from shardrec.sharding.topology import GiB, TopologyConfig
 
 @dataclass(frozen=True)
 class TopologySpec:
-    """The devices a plan is made for."""
+    """The devices a plan is made for. Bandwidths in bytes/s; None: torchrec's default."""
 
     world_size: int
     local_world_size: int
     compute_device: str
     memory_per_device_bytes: int
+    """HBM per device on cuda; host memory per rank on cpu."""
+    ddr_per_rank_bytes: int | None = None
+    hbm_bw: float | None = None
+    ddr_bw: float | None = None
+    hbm_to_ddr_bw: float | None = None
+    intra_node_bw: float | None = None
+    inter_node_bw: float | None = None
+    batch_size_per_rank: int = 512
+    device_name: str = "local"
+
+
+def from_topology_config(cfg: TopologyConfig) -> TopologySpec:
+    """The TopologySpec of a hypothetical cluster (``--topology 4x8xH100`` or YAML)."""
+    d = cfg.spec()
+    ddr_per_rank = int(d.ddr_gib_per_node * GiB / cfg.devices_per_node)
+    memory = int(d.hbm_gib * GiB) if d.compute_device == "cuda" else ddr_per_rank
+    return TopologySpec(
+        world_size=cfg.world_size,
+        local_world_size=cfg.devices_per_node,
+        compute_device=d.compute_device,
+        memory_per_device_bytes=memory,
+        ddr_per_rank_bytes=ddr_per_rank,
+        hbm_bw=d.hbm_bw_gbs * 1e9 or None,
+        ddr_bw=d.ddr_bw_gbs * 1e9 / cfg.devices_per_node,
+        hbm_to_ddr_bw=d.hbm_to_ddr_gbs * 1e9,
+        intra_node_bw=d.intra_node_gbs * 1e9,
+        inter_node_bw=d.inter_node_gbs * 1e9,
+        batch_size_per_rank=cfg.batch_size_per_rank,
+        device_name=f"{cfg.nodes}x{cfg.devices_per_node}x{cfg.device}",
+    )
 
 
 def resolve_compute_device(cfg: ShardingConfig) -> str:
@@ -60,12 +88,27 @@ def topology_spec(cfg: ShardingConfig, *, world_size: int, local_world_size: int
 
 def torchrec_topology(spec: TopologySpec) -> Topology:
     """torchrec Topology of ``spec``; on CPU the planner fills host memory (its 'ddr')."""
+    per_ms = 1e-3  # torchrec counts bandwidth in bytes/ms
     memory = spec.memory_per_device_bytes
-    hardware = HardwareConfig(hbm_cap_bytes=memory) if spec.compute_device == "cuda" else HardwareConfig(ddr_cap_bytes=memory)
+    if spec.compute_device == "cuda":
+        caps: dict[str, Any] = {"hbm_cap_bytes": memory, "ddr_cap_bytes": spec.ddr_per_rank_bytes}
+    else:
+        caps = {"ddr_cap_bytes": memory}
+    bandwidths = {
+        "hbm_mem_bw": spec.hbm_bw,
+        "ddr_mem_bw": spec.ddr_bw,
+        "hbm_to_ddr_mem_bw": spec.hbm_to_ddr_bw,
+        "intra_host_bw": spec.intra_node_bw,
+        "inter_host_bw": spec.inter_node_bw,
+    }
+    hardware = HardwareConfig(
+        **{k: v for k, v in caps.items() if v is not None},
+        **{k: v * per_ms for k, v in bandwidths.items() if v is not None},
+    )
     return TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=spec.world_size, local_world_size=spec.local_world_size),
         hardware_config=hardware,
-        kernel_config=KernelConfig(compute_device=spec.compute_device),
+        kernel_config=KernelConfig(compute_device=spec.compute_device, use_hardware_based_bandwidth=True),
     )
 
 
@@ -100,7 +143,9 @@ def make_plan(
     ``tables`` maps every table of the model to (rows, dim).
     """
     planner = EmbeddingShardingPlanner(
-        topology=torchrec_topology(topology), constraints=constraints(cfg, list(tables))
+        topology=torchrec_topology(topology),
+        batch_size=topology.batch_size_per_rank,
+        constraints=constraints(cfg, list(tables)),
     )
     sharders = sharders or default_sharders()
     try:
