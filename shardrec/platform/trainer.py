@@ -70,9 +70,11 @@ class Trainer:
         module = TrainModule(registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta")))
         tables = _tables(module)
         fuse_sparse_optimizer(module, job.train.sparse_optimizer)
-        spec = topology_spec(job.sharding, world_size=ctx.world_size, local_world_size=ctx.local_world_size)
+        spec = topology_spec(
+            job.sharding, world_size=ctx.world_size, local_world_size=ctx.local_world_size, batch_size=job.data.batch_size
+        )
         sharders = default_sharders()
-        plan = make_plan(module, cfg=job.sharding, tables=tables, topology=spec, pg=torch.distributed.GroupMember.WORLD, sharders=sharders)
+        plan = make_plan(module, cfg=job.sharding, tables=tables, topology=spec, pg=torch.distributed.GroupMember.WORLD, sharders=sharders).plan
         if ctx.is_main:
             rows = plan_rows(plan, tables)
             print("sharding plan:\n" + format_plan(rows), flush=True)

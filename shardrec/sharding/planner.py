@@ -16,6 +16,7 @@ from torchrec.distributed.planner.types import (
     HardwareConfig,
     KernelConfig,
     PlannerError,
+    ShardingOption,
     TopologyFactory,
     TrainerConfig,
 )
@@ -73,7 +74,7 @@ def resolve_compute_device(cfg: ShardingConfig) -> str:
     return cfg.compute_device
 
 
-def topology_spec(cfg: ShardingConfig, *, world_size: int, local_world_size: int) -> TopologySpec:
+def topology_spec(cfg: ShardingConfig, *, world_size: int, local_world_size: int, batch_size: int = 512) -> TopologySpec:
     """Topology from the job (device, memory) and the launch (world size, ranks per node)."""
     device = resolve_compute_device(cfg)
     if cfg.memory_per_device_gb is not None:
@@ -83,7 +84,7 @@ def topology_spec(cfg: ShardingConfig, *, world_size: int, local_world_size: int
     else:
         # Ranks on one host share its memory.
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_world_size, 1)
-    return TopologySpec(world_size, local_world_size, device, memory)
+    return TopologySpec(world_size, local_world_size, device, memory, batch_size_per_rank=batch_size)
 
 
 def torchrec_topology(spec: TopologySpec) -> Topology:
@@ -129,6 +130,17 @@ def constraints(cfg: ShardingConfig, tables: list[str]) -> dict[str, ParameterCo
     return out
 
 
+@dataclass(frozen=True)
+class PlanResult:
+    """A plan and the planner's chosen sharding options (shards with storage and perf estimates).
+
+    In a collective plan only rank 0 holds the options.
+    """
+
+    plan: ShardingPlan
+    options: list[ShardingOption]
+
+
 def make_plan(
     model: nn.Module,
     *,
@@ -137,7 +149,7 @@ def make_plan(
     topology: TopologySpec,
     pg: dist.ProcessGroup | None,
     sharders: list[ModuleSharder[nn.Module]] | None = None,
-) -> ShardingPlan:
+) -> PlanResult:
     """Plans ``model`` (built on the meta device) for ``topology``; collective when ``pg`` is given.
 
     ``tables`` maps every table of the model to (rows, dim).
@@ -149,9 +161,8 @@ def make_plan(
     )
     sharders = sharders or default_sharders()
     try:
-        if pg is not None:
-            return planner.collective_plan(model, sharders, pg)
-        return planner.plan(model, sharders)
+        plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
+        return PlanResult(plan=plan, options=list(planner._best_plan or []))  # noqa: SLF001 - no public getter
     except PlannerError as e:
         raise PlanError(_plan_failure(e, tables, topology)) from e
     except RuntimeError as e:

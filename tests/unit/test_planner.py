@@ -56,7 +56,7 @@ def module(schema: FeatureSchema) -> TrainModule:
 
 def _plan(module: TrainModule, tables: dict[str, tuple[int, int]], topology: TopologySpec,
           cfg: ShardingConfig | None = None) -> ShardingPlan:
-    return make_plan(module, cfg=cfg or ShardingConfig(), tables=tables, topology=topology, pg=None)
+    return make_plan(module, cfg=cfg or ShardingConfig(), tables=tables, topology=topology, pg=None).plan
 
 
 def _by_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
