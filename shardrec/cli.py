@@ -46,6 +46,20 @@ def convert_criteo(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def prepare_dataset(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``shardrec data prepare DATASET --input PATH --output DIR [options]``."""
+    from shardrec.data.datasets import prepare
+    from shardrec.errors import ConfigError
+
+    if overrides:
+        raise ConfigError(f"shardrec data prepare takes no --section.key=value overrides, got {overrides[0]!r}")
+    names = ("split", "hash_rows", "embedding_dim", "negatives", "seed", "eval_file")
+    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    report = prepare(args.dataset, input=Path(args.input), output=Path(args.output), **options)
+    print(report.summary())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="shardrec", description="Train recommendation models with sharded embedding tables.")
@@ -60,6 +74,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--input", required=True)
     c.add_argument("--output", required=True)
     c.set_defaults(func=convert_criteo)
+    pr = d.add_parser("prepare", help="convert a public dataset to Parquet plus schema.yaml (features and data sections)")
+    pr.add_argument("dataset", help="criteo, movielens, census, aliccp or amazon")
+    pr.add_argument("--input", required=True, help="the raw data: a file or folder, as the dataset expects")
+    pr.add_argument("--output", required=True, help="folder to create (must not exist)")
+    pr.add_argument("--split", help="movielens: time (default) or leave_last_out")
+    pr.add_argument("--hash-rows", type=int, help="criteo: rows of each hashed table; default 2x distinct ids")
+    pr.add_argument("--embedding-dim", type=int, help="width of every table; default 16")
+    pr.add_argument("--negatives", type=int, help="amazon: negative samples per positive; default 1")
+    pr.add_argument("--seed", type=int, help="seed of random splits, shuffles and negative sampling; default 0")
+    pr.add_argument("--eval-file", help="criteo: the day file to hold out for eval; default the last one")
+    pr.set_defaults(func=prepare_dataset)
     return p
 
 
