@@ -67,9 +67,21 @@ def latest(root: Path) -> Path | None:
 
 
 def save(
-    root: Path, *, step: int, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any], is_main: bool, keep_last_n: int
+    root: Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: Optimizer,
+    extra: dict[str, Any],
+    is_main: bool,
+    keep_last_n: int,
+    attach: list[Path] | None = None,
 ) -> Path:
-    """Saves model and optimizer state after ``step`` steps; collective over all ranks."""
+    """Saves model and optimizer state after ``step`` steps; collective over all ranks.
+
+    ``attach`` files (the plan and resolved config) are copied in, so a checkpoint knows the
+    layout and job it came from.
+    """
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if is_main:
@@ -79,6 +91,9 @@ def save(
     dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
     _barrier()
     if is_main:
+        for f in attach or []:
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
         (tmp / META_FILE).write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -25,6 +25,7 @@ from shardrec.platform.init import init_dense, init_tables
 from shardrec.platform.metrics import MetricsLog, eval_metrics
 from shardrec.platform.optim import build_optimizer, fuse_sparse_optimizer, init_optimizer_state
 from shardrec.platform.pipeline import TrainModule, eval_model, make_pipeline, resume_training
+from shardrec.sharding.plan_file import load_plan
 from shardrec.sharding.planner import format_plan, make_plan, plan_rows, save_plan, topology_spec
 from shardrec.sharding.sharders import default_sharders
 
@@ -74,7 +75,10 @@ class Trainer:
             job.sharding, world_size=ctx.world_size, local_world_size=ctx.local_world_size, batch_size=job.data.batch_size
         )
         sharders = default_sharders()
-        plan = make_plan(module, cfg=job.sharding, tables=tables, topology=spec, pg=torch.distributed.GroupMember.WORLD, sharders=sharders).plan
+        if job.sharding.plan is not None:
+            plan = load_plan(Path(job.sharding.plan), tables=tables, world_size=ctx.world_size, compute_device=spec.compute_device)
+        else:
+            plan = make_plan(module, cfg=job.sharding, tables=tables, topology=spec, pg=torch.distributed.GroupMember.WORLD, sharders=sharders).plan
         if ctx.is_main:
             rows = plan_rows(plan, tables)
             print("sharding plan:\n" + format_plan(rows), flush=True)
@@ -183,6 +187,7 @@ class Trainer:
             extra={"model": self.job.model_name, "world_size": self.ctx.world_size},
             is_main=self.ctx.is_main,
             keep_last_n=self.job.checkpoint.keep_last_n,
+            attach=[self.run_dir / "plan.json", self.run_dir / "config.yaml"],
         )
 
 

@@ -43,6 +43,8 @@ class ShardingConfig:
     """Constraint for every table not named under ``tables``."""
     tables: dict[str, TableConstraint] = field(default_factory=dict)
     """Per-table constraints, keyed by table name (DeepFM and WideDeep add ``<table>_linear`` tables)."""
+    plan: str | None = None
+    """A plan file from ``shardrec plan --out``: train with exactly that plan instead of planning."""
 
     def __post_init__(self) -> None:
         if self.memory_per_device_gb is not None and self.memory_per_device_gb <= 0:

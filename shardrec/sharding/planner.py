@@ -15,6 +15,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.planner.types import (
     HardwareConfig,
     KernelConfig,
+    Partitioner,
     PlannerError,
     ShardingOption,
     TopologyFactory,
@@ -113,13 +114,20 @@ def torchrec_topology(spec: TopologySpec) -> Topology:
     )
 
 
-def constraints(cfg: ShardingConfig, tables: list[str]) -> dict[str, ParameterConstraints]:
-    """torchrec ParameterConstraints for every table, from the job's sharding section."""
+def constraints(
+    cfg: ShardingConfig, tables: list[str], pooling: dict[str, float] | None = None
+) -> dict[str, ParameterConstraints]:
+    """torchrec ParameterConstraints for every table, from the job's sharding section.
+
+    ``pooling`` gives average ids per sample per table (1 when not given).
+    """
     cfg.check_tables(tables)
     out = {}
     for table in tables:
         c = cfg.constraint_for(table)
         kwargs: dict[str, Any] = {}
+        if pooling and table in pooling:
+            kwargs["pooling_factors"] = [pooling[table]]
         if c.sharding_types is not None:
             kwargs["sharding_types"] = list(c.sharding_types)
         if c.compute_kernels is not None:
@@ -149,6 +157,8 @@ def make_plan(
     topology: TopologySpec,
     pg: dist.ProcessGroup | None,
     sharders: list[ModuleSharder[nn.Module]] | None = None,
+    pooling: dict[str, float] | None = None,
+    partitioner: Partitioner | None = None,
 ) -> PlanResult:
     """Plans ``model`` (built on the meta device) for ``topology``; collective when ``pg`` is given.
 
@@ -157,7 +167,8 @@ def make_plan(
     planner = EmbeddingShardingPlanner(
         topology=torchrec_topology(topology),
         batch_size=topology.batch_size_per_rank,
-        constraints=constraints(cfg, list(tables)),
+        constraints=constraints(cfg, list(tables), pooling),
+        **({"partitioner": partitioner} if partitioner is not None else {}),
     )
     sharders = sharders or default_sharders()
     try:

@@ -1,0 +1,179 @@
+"""Planning objectives: perf, memory or balanced, chosen among candidate plans by their estimates.
+
+torchrec's default planner minimizes the estimated step time of the critical device. With tables
+of very different sizes it puts each huge table whole on one device: MLPerf's 40M-row tables on
+4x8 H100 leave the fullest device at ~6x the mean memory, so a slightly bigger model no longer
+fits while most of the cluster stays empty.
+
+Here the planner is run for candidates that differ in how tables may be split and placed:
+
+- ``default``: torchrec as it is (greedy by perf, any sharding type);
+- ``cw<S>/<B>``: every table column-wise in shards of at least S columns, the *big* ones (over
+  half of a device's fair share of all table bytes) in shards of at least B columns; shards
+  placed greedily by perf (``greedy``) or by torchrec's memory-balanced partitioner within 10% of
+  the greedy perf (``mem``). Column shards spread both memory and the output all-to-all, which
+  dominates the estimated step, so one plan can be both faster and more even than the default.
+
+Each candidate is judged by the same estimates the report shows (critical device's step time,
+fullest device's memory over the mean). ``perf`` takes the fastest, ``memory`` the most even, and
+``balanced`` the most even among those within 10% of the default's step time (docs/planning.md).
+Tables the job constrains itself are left as the job says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.planner.partitioners import MemoryBalancedPartitioner
+from torchrec.distributed.types import ModuleSharder
+
+from shardrec.errors import PlanError
+from shardrec.sharding.config import ShardingConfig, TableConstraint
+from shardrec.sharding.planner import PlanResult, TopologySpec, make_plan
+from shardrec.sharding.report import PlanReport, build_report
+
+Objective = Literal["default", "perf", "memory", "balanced"]
+STEP_TOLERANCE = 1.10
+"""balanced: the step time a more even plan may cost, relative to torchrec's default plan."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Column-shard widths for all and for big tables (None: torchrec's choice), and the partitioner."""
+
+    name: str
+    min_partition: int | None
+    big_min_partition: int | None
+    memory_balanced: bool
+
+
+@dataclass
+class Outcome:
+    """A candidate's plan and report (None: that candidate found no plan)."""
+
+    candidate: Candidate
+    result: PlanResult | None
+    report: PlanReport | None
+    seconds: float
+    error: str | None = None
+
+
+_SPLITS = ((64, 64), (64, 16), (32, 32), (32, 16), (32, 4), (16, 16), (16, 4))
+
+
+def candidates() -> list[Candidate]:
+    """The candidates tried: torchrec's default, then column-wise splits under both partitioners."""
+    out = [Candidate("default", None, None, False)]
+    for small, big in _SPLITS:
+        for balanced in (False, True):
+            out.append(Candidate(f"cw{small}/{big}-{'mem' if balanced else 'greedy'}", small, big, balanced))
+    return out
+
+
+def big_tables(tables: dict[str, tuple[int, int]], world_size: int) -> set[str]:
+    """Tables over half of a device's fair share of all table bytes."""
+    sizes = {n: r * d for n, (r, d) in tables.items()}
+    share = sum(sizes.values()) / world_size
+    return {n for n, s in sizes.items() if s > share / 2}
+
+
+def free_tables(cfg: ShardingConfig, tables: dict[str, tuple[int, int]]) -> list[str]:
+    """Tables the job leaves to the planner: none when ``sharding.default`` constrains every table."""
+    if cfg.default.sharding_types is not None or cfg.default.compute_kernels is not None:
+        return []
+    return sorted(n for n in tables if n not in cfg.tables)
+
+
+def _config(cfg: ShardingConfig, candidate: Candidate, free: list[str], big: set[str]) -> ShardingConfig:
+    if candidate.min_partition is None:
+        return cfg
+    split = {
+        n: TableConstraint(
+            sharding_types=["column_wise"], min_partition=candidate.big_min_partition if n in big else candidate.min_partition
+        )
+        for n in free
+    }
+    return dataclasses.replace(cfg, tables={**cfg.tables, **split})
+
+
+def try_candidate(
+    candidate: Candidate,
+    model: nn.Module,
+    *,
+    cfg: ShardingConfig,
+    tables: dict[str, tuple[int, int]],
+    topology: TopologySpec,
+    free: list[str],
+    pooling: dict[str, float] | None,
+    sharders: list[ModuleSharder[nn.Module]] | None,
+) -> Outcome:
+    """Plans one candidate (in this process only) and reports it."""
+    start = time.perf_counter()
+    big = big_tables(tables, topology.world_size)
+    try:
+        result = make_plan(
+            model, cfg=_config(cfg, candidate, free, big), tables=tables, topology=topology, pg=None, sharders=sharders,
+            pooling=pooling, partitioner=MemoryBalancedPartitioner(tolerance=0.1) if candidate.memory_balanced else None,
+        )
+    except PlanError as e:
+        return Outcome(candidate, None, None, time.perf_counter() - start, error=str(e).splitlines()[0])
+    return Outcome(candidate, result, build_report(result.options, topology), time.perf_counter() - start)
+
+
+def choose(outcomes: list[Outcome], objective: Objective) -> Outcome:
+    """The outcome ``objective`` prefers; raises the default's PlanError when none found a plan."""
+    ok = [o for o in outcomes if o.report is not None]
+    if not ok:
+        raise PlanError(outcomes[0].error or "no candidate found a plan")
+    default = next((o for o in ok if o.candidate.name == "default"), None)
+    if objective == "default" and default is not None:
+        return default
+    step = lambda o: o.report.summary()["est_step_ms"]  # noqa: E731
+    balance = lambda o: o.report.max_over_mean_memory  # noqa: E731
+    if objective == "perf":
+        return min(ok, key=lambda o: (round(step(o), 6), balance(o)))
+    if objective == "memory":
+        return min(ok, key=lambda o: (round(balance(o), 3), step(o)))
+    limit = step(default) * STEP_TOLERANCE if default is not None else float("inf")
+    within = [o for o in ok if step(o) <= limit] or ok
+    return min(within, key=lambda o: (round(balance(o), 2), step(o)))
+
+
+def plan_for_objective(
+    model: nn.Module,
+    *,
+    cfg: ShardingConfig,
+    tables: dict[str, tuple[int, int]],
+    topology: TopologySpec,
+    objective: Objective,
+    pooling: dict[str, float] | None = None,
+    sharders: list[ModuleSharder[nn.Module]] | None = None,
+) -> tuple[Outcome, list[Outcome]]:
+    """Plans every candidate and returns the chosen outcome and all of them."""
+    free = free_tables(cfg, tables)
+    todo = candidates() if free and objective != "default" else candidates()[:1]
+    outcomes = [
+        try_candidate(c, model, cfg=cfg, tables=tables, topology=topology, free=free, pooling=pooling, sharders=sharders)
+        for c in todo
+    ]
+    return choose(outcomes, objective), outcomes
+
+
+def collective_plan_for_objective(model: nn.Module, *, pg: dist.ProcessGroup, **kwargs: object) -> PlanResult:
+    """:func:`plan_for_objective` on rank 0, its plan broadcast to every rank of ``pg``."""
+    box: list[object] = [None]
+    if dist.get_rank(pg) == 0:
+        try:
+            chosen, _ = plan_for_objective(model, **kwargs)  # type: ignore[arg-type]
+            box[0] = chosen.result
+        except PlanError as e:  # every rank must leave the broadcast, then all raise
+            box[0] = e
+    dist.broadcast_object_list(box, src=0, group=pg)
+    if isinstance(box[0], PlanError):
+        raise box[0]
+    return box[0]  # type: ignore[return-value]

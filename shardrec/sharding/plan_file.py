@@ -1,0 +1,81 @@
+"""Plan files: a sharding plan written as readable JSON, and read back into a torchrec ShardingPlan.
+
+The file holds the topology the plan was made for and one record per table (module, sharding
+type, compute kernel, ranks, shards with offsets, sizes and placement). ``shardrec train
+--sharding.plan plan.json`` trains with exactly that plan after checking that it matches the
+model's tables and the launch's world size and device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
+
+from shardrec.errors import PlanError
+
+
+def read_plan_file(path: Path) -> dict[str, Any]:
+    """The JSON of a plan file, with errors that name the file."""
+    if not path.is_file():
+        raise PlanError(f"plan file '{path}' does not exist; make one with `shardrec plan ... --out {path}`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"plan file '{path}' is not valid JSON: {e}") from e
+    if not isinstance(data, dict) or "tables" not in data or "topology" not in data:
+        raise PlanError(f"plan file '{path}' has no 'tables' and 'topology'; it was not written by shardrec")
+    return data
+
+
+def check_plan(data: dict[str, Any], *, path: Path, tables: dict[str, tuple[int, int]], world_size: int, compute_device: str) -> None:
+    """Raises a PlanError naming what differs between the plan file and this model and launch."""
+    topo = data["topology"]
+    if topo["world_size"] != world_size:
+        raise PlanError(f"plan file '{path}' was made for {topo['world_size']} ranks, this launch has {world_size}; plan again or launch {topo['world_size']} ranks")
+    if topo["compute_device"] != compute_device:
+        raise PlanError(f"plan file '{path}' was made for {topo['compute_device']}, this launch computes on {compute_device}")
+    planned = {r["table"]: (r["rows"], r["dim"]) for r in data["tables"]}
+    missing, extra = sorted(set(tables) - set(planned)), sorted(set(planned) - set(tables))
+    if missing or extra:
+        raise PlanError(f"plan file '{path}' does not match the model's tables: missing {missing or 'none'}, not in the model {extra or 'none'}")
+    for name, shape in tables.items():
+        if tuple(planned[name]) != tuple(shape):
+            raise PlanError(f"plan file '{path}': table '{name}' is {planned[name][0]} x {planned[name][1]} there, {shape[0]} x {shape[1]} in the model")
+
+
+def to_sharding_plan(data: dict[str, Any], *, device_type: str) -> ShardingPlan:
+    """Rebuilds the torchrec ShardingPlan of a plan file for ranks computing on ``device_type``."""
+    plan: dict[str, EmbeddingModuleShardingPlan] = {}
+    for r in data["tables"]:
+        module = plan.setdefault(r["module"], EmbeddingModuleShardingPlan())
+        spec = None
+        if r["shards"]:
+            spec = EnumerableShardingSpec(
+                [
+                    ShardMetadata(shard_offsets=s["offsets"], shard_sizes=s["sizes"], placement=_placement(s["placement"], device_type))
+                    for s in r["shards"]
+                ]
+            )
+        module[r["table"]] = ParameterSharding(
+            sharding_type=r["sharding_type"], compute_kernel=r["compute_kernel"], ranks=r["ranks"] or None, sharding_spec=spec
+        )
+    return ShardingPlan(plan)
+
+
+def _placement(text: str, device_type: str) -> str:
+    """``rank:R/cuda:L`` as written on any machine, for this machine's device type."""
+    rank = text.split("/")[0]
+    local = text.split(":")[-1] if device_type == "cuda" else "0"
+    return f"{rank}/{device_type}:{local}" if device_type == "cuda" else f"{rank}/cpu"
+
+
+def load_plan(path: Path, *, tables: dict[str, tuple[int, int]], world_size: int, compute_device: str) -> ShardingPlan:
+    """Reads, checks and rebuilds the plan in ``path``."""
+    data = read_plan_file(path)
+    check_plan(data, path=path, tables=tables, world_size=world_size, compute_device=compute_device)
+    return to_sharding_plan(data, device_type=torch.device(compute_device).type)
