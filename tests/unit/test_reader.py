@@ -242,10 +242,12 @@ def test_prefetch_thread_stops_when_iterator_is_abandoned(data_dir: Path) -> Non
 
 
 def test_prefetch_close_stops_thread(data_dir: Path) -> None:
+    before = set(_prefetch_threads())
     it = iter(ParquetReader(data_dir, schema=_SCHEMA, batch_size=2, prefetch=1))
     next(it)
+    (thread,) = set(_prefetch_threads()) - before
     it.close()
-    assert not it._thread.is_alive()
+    assert not thread.is_alive()
     with pytest.raises(StopIteration):
         next(it)
 
