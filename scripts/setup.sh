@@ -31,7 +31,7 @@ STACK=(
   "$FBGEMM"
   "torchrec==1.8.0"
   "tensordict" "torchmetrics==1.0.3" "tqdm" "pyre-extensions" "iopath"
-  "torchx==0.7.0" "pyarrow" "pyyaml" "pytest" "pytest-timeout"
+  "torchx==0.7.0" "pyarrow" "pyyaml" "matplotlib" "pytest" "pytest-timeout"
 )
 STAMP="$VENV/.shardrec-stack"
 WANT="$DEVICE $(cat "$0" pyproject.toml | cksum)"

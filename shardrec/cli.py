@@ -60,6 +60,42 @@ def prepare_dataset(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def synth_dataset(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``shardrec data synth --output DIR --rows N [--tables SPEC | --config JOB.yaml] [--processes P] [--files F] ...``."""
+    from shardrec.data import synth
+    from shardrec.errors import ConfigError
+
+    if overrides:
+        raise ConfigError(f"shardrec data synth takes no --section.key=value overrides, got {overrides[0]!r}")
+    shape = synth.IdShape().override(hotness=args.hotness, zipf_a=args.zipf_a)
+    layout = synth.load_layout(tables=args.tables, config=args.config, dense=args.dense, shape=shape)
+    names = ("files", "processes", "row_group_size", "seed", "label_signal", "compression")
+    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    result = synth.write_dataset(synth.SynthConfig(output=Path(args.output), rows=args.rows, **options), layout)
+    print(result.summary())
+    return 0
+
+
+def plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``shardrec plan [CONFIG | --tables FILE] --topology SPEC [--objective O] [--out plan.json]``."""
+    from shardrec.errors import ConfigError
+    from shardrec.sharding import plan_job
+
+    if args.compare:
+        print(plan_job.compare_files([Path(p) for p in args.compare]))
+        return 0
+    if (args.config is None) == (args.tables is None):
+        raise ConfigError("shardrec plan: give a job CONFIG or --tables FILE (one of them)")
+    if args.topology is None:
+        raise ConfigError("shardrec plan: --topology is required, e.g. --topology 4x8xH100 or a YAML file")
+    source = plan_job.input_from_tables(Path(args.tables)) if args.tables else plan_job.input_from_job(args.config, overrides)
+    out = Path(args.out) if args.out else None
+    chart = Path(args.chart) if args.chart else (out.with_suffix(".png") if out else None)
+    objective = args.objective or source.sharding.objective
+    plan_job.plan_command(source=source, topology=plan_job.read_topology(args.topology), objective=objective, out=out, chart=chart)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="shardrec", description="Train recommendation models with sharded embedding tables.")
@@ -69,6 +105,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=2, help="local processes (ranks); default 2")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH", help="continue the latest run, or the run/checkpoint at PATH")
     t.set_defaults(func=train)
+    pl = sub.add_parser("plan", help="plan shards for a hardware topology (no GPU needed)")
+    pl.add_argument("config", nargs="?", type=Path, help="YAML job file (tables taken from its model)")
+    pl.add_argument("--tables", help="table list: YAML with 'tables:' or CSV name,rows,dim[,pooling_factor,...]")
+    pl.add_argument("--topology", help="NODESxDEVICESxKIND (4x8xH100; kinds H100, H200, A100-40GB, A100-80GB, L4, CPU) or a YAML file")
+    pl.add_argument("--objective", choices=["balanced", "perf", "memory", "default"], help="default: the job's sharding.objective, else balanced")
+    pl.add_argument("--out", help="write the plan (JSON, usable as --sharding.plan) here")
+    pl.add_argument("--chart", help="write a PNG of memory and time per device here (default: next to --out)")
+    pl.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="show two plan files side by side")
+    pl.set_defaults(func=plan)
     d = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     c = d.add_parser("criteo", help="convert Criteo text (TSV/CSV) to Parquet")
     c.add_argument("--input", required=True)
@@ -85,6 +130,22 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, help="seed of random splits, shuffles and negative sampling; default 0")
     pr.add_argument("--eval-file", help="criteo: the day file to hold out for eval; default the last one")
     pr.set_defaults(func=prepare_dataset)
+    sy = d.add_parser("synth", help="write a large synthetic Parquet data set plus schema.yaml, in parallel")
+    sy.add_argument("--output", required=True, help="folder to create (must not exist, or be empty)")
+    sy.add_argument("--rows", required=True, type=int, help="rows in all")
+    src = sy.add_mutually_exclusive_group()
+    src.add_argument("--tables", help="COUNTxROWS[:DIM[:HOTNESS[:ZIPF_A]]],... (e.g. 26x100000:16) or a .yaml/.csv of name, rows, dim, hotness, zipf_a")
+    src.add_argument("--config", type=Path, help="job YAML whose features: section the data follow")
+    sy.add_argument("--dense", type=int, help="dense columns next to --tables; default 13")
+    sy.add_argument("--hotness", help="ids per row where a table does not say: N (exactly) or ~N (on average); default 1")
+    sy.add_argument("--zipf-a", type=float, help="power-law exponent where a table does not say; default 1.2")
+    sy.add_argument("--files", type=int, help="Parquet files (the data depend on it, not on --processes); default 8")
+    sy.add_argument("--processes", type=int, help="processes writing files in parallel; default 1")
+    sy.add_argument("--row-group-size", type=int, help="rows per row group; default 65536")
+    sy.add_argument("--seed", type=int, help="default 0")
+    sy.add_argument("--label-signal", action=argparse.BooleanOptionalAction, help="labels follow a planted, learnable logit (default) or are coin flips")
+    sy.add_argument("--compression", choices=["none", "snappy", "lz4", "zstd"], help="default snappy")
+    sy.set_defaults(func=synth_dataset)
     return p
 
 

@@ -45,6 +45,9 @@ class ShardingConfig:
     """Per-table constraints, keyed by table name (DeepFM and WideDeep add ``<table>_linear`` tables)."""
     plan: str | None = None
     """A plan file from ``shardrec plan --out``: train with exactly that plan instead of planning."""
+    objective: Literal["balanced", "perf", "memory", "default"] = "balanced"
+    """What the planner optimizes among its candidates (shardrec/sharding/objectives.py); default:
+    torchrec's planner alone."""
 
     def __post_init__(self) -> None:
         if self.memory_per_device_gb is not None and self.memory_per_device_gb <= 0:

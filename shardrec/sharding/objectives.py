@@ -16,7 +16,8 @@ Here the planner is run for candidates that differ in how tables may be split an
 
 Each candidate is judged by the same estimates the report shows (critical device's step time,
 fullest device's memory over the mean). ``perf`` takes the fastest, ``memory`` the most even, and
-``balanced`` the most even among those within 10% of the default's step time (docs/planning.md).
+``balanced`` the fastest plan within 10% of the default's step time whose fullest device holds at
+most 1.25x the mean memory (else the most even within that time; docs/planning.md).
 Tables the job constrains itself are left as the job says.
 """
 
@@ -40,6 +41,8 @@ from shardrec.sharding.report import PlanReport, build_report
 Objective = Literal["default", "perf", "memory", "balanced"]
 STEP_TOLERANCE = 1.10
 """balanced: the step time a more even plan may cost, relative to torchrec's default plan."""
+BALANCE_TARGET = 1.25
+"""balanced: fullest device's memory over the mean that counts as even; the fastest such plan wins."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,9 @@ def choose(outcomes: list[Outcome], objective: Objective) -> Outcome:
         return min(ok, key=lambda o: (round(balance(o), 3), step(o)))
     limit = step(default) * STEP_TOLERANCE if default is not None else float("inf")
     within = [o for o in ok if step(o) <= limit] or ok
+    even = [o for o in within if balance(o) <= BALANCE_TARGET]
+    if even:
+        return min(even, key=lambda o: (round(step(o), 6), balance(o)))
     return min(within, key=lambda o: (round(balance(o), 2), step(o)))
 
 

@@ -11,6 +11,8 @@ A table list is YAML (``tables:`` entries) or CSV with columns ``name, rows, dim
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,15 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from shardrec.config import build, convert
+from shardrec.config import build, convert, load_yaml
 from shardrec.errors import ConfigError
 from shardrec.platform.optim import SparseOptimizerConfig, fuse_sparse_optimizer
 from shardrec.sharding.config import ComputeKernelName, ShardingConfig, ShardingTypeName, TableConstraint
+from shardrec.sharding.objectives import Objective, Outcome, plan_for_objective
+from shardrec.sharding.plan_file import read_plan_file
+from shardrec.sharding.planner import TopologySpec, plan_rows
+from shardrec.sharding.report import report_dict
+from shardrec.sharding.topology import TopologyConfig, parse_topology
 
 
 @dataclass(kw_only=True)
@@ -47,6 +54,7 @@ class TableSpec:
     def __post_init__(self) -> None:
         if self.rows <= 0 or self.dim <= 0 or self.pooling_factor <= 0:
             raise ConfigError(f"table '{self.name}': rows, dim and pooling_factor must be > 0")
+        TableConstraint(sharding_types=self.sharding_types, compute_kernels=self.compute_kernels).check(f"table '{self.name}'")
 
 
 @dataclass(kw_only=True)
@@ -62,11 +70,16 @@ def read_tables(path: Path) -> list[TableSpec]:
     if not path.is_file():
         raise ConfigError(f"--tables: file '{path}' does not exist")
     if path.suffix.lower() == ".csv":
-        return [_csv_row(path, i, row) for i, row in enumerate(csv.DictReader(path.open()), start=2)]
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or "tables" not in data:
-        raise ConfigError(f"--tables: '{path}' must hold a mapping with a 'tables:' list (or be a .csv file)")
-    specs = build(TableList, data, key="").tables
+        with path.open() as f:
+            specs = [_csv_row(path, i, row) for i, row in enumerate(csv.DictReader(f), start=2)]
+    else:
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict) or "tables" not in data:
+            raise ConfigError(f"--tables: '{path}' must hold a mapping with a 'tables:' list (or be a .csv file)")
+        try:
+            specs = build(TableList, data, key="").tables
+        except ConfigError as e:
+            raise ConfigError(f"--tables '{path}': {e}") from e
     if not specs:
         raise ConfigError(f"--tables: '{path}' lists no tables")
     return specs
@@ -86,7 +99,11 @@ def _csv_row(path: Path, line: int, row: dict[str, str]) -> TableSpec:
     for key in ("sharding_types", "compute_kernels"):
         if row.get(key):
             data[key] = row[key].split("|")
-    return convert(TableSpec, data, key=f"--tables {path} line {line}")
+    try:
+        return convert(TableSpec, data, key=f"--tables {path} line {line}")
+    except ConfigError as e:
+        where = f"--tables '{path}' line {line}"
+        raise ConfigError(str(e) if where in str(e) or f"{path} line {line}" in str(e) else f"{where}: {e}") from e
 
 
 def tables_model(specs: list[TableSpec]) -> nn.Module:
@@ -114,3 +131,121 @@ def tables_sharding(specs: list[TableSpec]) -> ShardingConfig:
 def pooling_factors(specs: list[TableSpec]) -> dict[str, float]:
     """Average ids per sample per table."""
     return {t.name: t.pooling_factor for t in specs}
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """What to plan: a meta-device model, its tables, the job's constraints and pooling factors."""
+
+    model: nn.Module
+    tables: dict[str, tuple[int, int]]
+    sharding: ShardingConfig
+    pooling: dict[str, float] | None
+
+
+def input_from_tables(path: Path) -> PlanInput:
+    """A table list file as a PlanInput."""
+    specs = read_tables(path)
+    return PlanInput(
+        model=tables_model(specs),
+        tables={t.name: (t.rows, t.dim) for t in specs},
+        sharding=tables_sharding(specs),
+        pooling=pooling_factors(specs),
+    )
+
+
+def input_from_job(path: Path, overrides: list[str]) -> PlanInput:
+    """A job config's model (built on meta, with its sparse optimizer fused) as a PlanInput."""
+    from shardrec.job import load_job
+    from shardrec.models import registry
+    from shardrec.platform.pipeline import TrainModule
+    from shardrec.platform.trainer import model_tables
+
+    job = load_job(path, overrides)
+    model = TrainModule(registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta")))
+    fuse_sparse_optimizer(model, job.train.sparse_optimizer)
+    return PlanInput(model=model, tables=model_tables(model), sharding=job.sharding, pooling=None)
+
+
+def read_topology(text: str) -> TopologyConfig:
+    """``--topology``: a spec like 4x8xH100, or a YAML file of TopologyConfig keys."""
+    path = Path(text)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return build(TopologyConfig, load_yaml(path), key="topology")
+    return parse_topology(text)
+
+
+def write_plan_file(outcome: Outcome, topology: TopologySpec, tables: dict[str, tuple[int, int]], path: Path) -> None:
+    """Writes the chosen plan (loadable by ``--sharding.plan``) with its report, atomically."""
+    assert outcome.result is not None and outcome.report is not None
+    data = {
+        "topology": dataclasses.asdict(topology),
+        "candidate": outcome.candidate.name,
+        "tables": plan_rows(outcome.result.plan, tables),
+        "report": report_dict(outcome.report),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def comparison(named: list[tuple[str, dict[str, Any]]]) -> str:
+    """Plans' headline numbers side by side; each entry is (label, report summary)."""
+    keys = ("topology", "est_step_ms", "critical_rank", "max_memory_gib", "mean_memory_gib", "max_over_mean_memory", "capacity_gib")
+    width = max(len(k) for k in keys)
+    cols = [max(len(label), 12) for label, _ in named]
+    lines = [" " * width + "  " + "  ".join(f"{label:>{w}}" for (label, _), w in zip(named, cols))]
+    for k in keys:
+        lines.append(f"{k:<{width}}  " + "  ".join(f"{str(s.get(k)):>{w}}" for (_, s), w in zip(named, cols)))
+    return "\n".join(lines)
+
+
+def compare_files(paths: list[Path]) -> str:
+    """``shardrec plan --compare A.json B.json``: the plan files' reports side by side."""
+    named = []
+    for p in paths:
+        data = read_plan_file(p)
+        if "report" not in data:
+            raise ConfigError(f"--compare: '{p}' has no report; make it with `shardrec plan --out`")
+        named.append((p.name, data["report"]["summary"]))
+    return comparison(named)
+
+
+def candidates_table(outcomes: list[Outcome], chosen: Outcome) -> str:
+    """One line per candidate plan: its estimates, or why it found no plan."""
+    lines = [f"{'candidate':<18} {'step ms':>9} {'max/mean mem':>13} {'plan s':>7}"]
+    for o in outcomes:
+        mark = "  <- chosen" if o is chosen else ""
+        if o.report is None:
+            lines.append(f"{o.candidate.name:<18} {'no plan':>9} {'':>13} {o.seconds:>7.1f}  {o.error}")
+        else:
+            s = o.report.summary()
+            lines.append(f"{o.candidate.name:<18} {s['est_step_ms']:>9.4f} {s['max_over_mean_memory']:>13.2f} {o.seconds:>7.1f}{mark}")
+    return "\n".join(lines)
+
+
+def plan_command(
+    *, source: PlanInput, topology: TopologyConfig, objective: Objective, out: Path | None, chart: Path | None
+) -> Outcome:
+    """Plans ``source`` for ``topology`` with ``objective``, prints the report and writes the files."""
+    from shardrec.sharding.chart import save_chart
+    from shardrec.sharding.planner import from_topology_config
+    from shardrec.sharding.report import format_report
+
+    spec = from_topology_config(topology)
+    chosen, outcomes = plan_for_objective(
+        source.model, cfg=source.sharding, tables=source.tables, topology=spec, objective=objective, pooling=source.pooling
+    )
+    assert chosen.report is not None
+    print(format_report(chosen.report))
+    print(f"\ncandidates ({objective} objective):\n{candidates_table(outcomes, chosen)}")
+    default = next((o for o in outcomes if o.candidate.name == "default" and o.report is not None), None)
+    if default is not None and default is not chosen:
+        print("\n" + comparison([("torchrec default", default.report.summary()), (f"{objective} ({chosen.candidate.name})", chosen.report.summary())]))
+    if out is not None:
+        write_plan_file(chosen, spec, source.tables, out)
+        print(f"\nplan: {out}")
+    if chart is not None:
+        save_chart(chosen.report, chart, title=f"{spec.device_name}: {objective} plan ({chosen.candidate.name})")
+        print(f"chart: {chart}")
+    return chosen
