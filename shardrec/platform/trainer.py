@@ -26,7 +26,8 @@ from shardrec.platform.metrics import MetricsLog, eval_metrics
 from shardrec.platform.optim import build_optimizer, fuse_sparse_optimizer, init_optimizer_state
 from shardrec.platform.pipeline import TrainModule, eval_model, make_pipeline, resume_training
 from shardrec.sharding.plan_file import load_plan
-from shardrec.sharding.planner import format_plan, make_plan, plan_rows, save_plan, topology_spec
+from shardrec.sharding.objectives import collective_plan_for_objective
+from shardrec.sharding.planner import format_plan, plan_rows, save_plan, topology_spec
 from shardrec.sharding.sharders import default_sharders
 
 
@@ -69,7 +70,7 @@ class Trainer:
         """Builds on meta, plans, shards and initializes the model independently of the plan."""
         job, ctx = self.job, self.ctx
         module = TrainModule(registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta")))
-        tables = _tables(module)
+        tables = model_tables(module)
         fuse_sparse_optimizer(module, job.train.sparse_optimizer)
         spec = topology_spec(
             job.sharding, world_size=ctx.world_size, local_world_size=ctx.local_world_size, batch_size=job.data.batch_size
@@ -78,7 +79,10 @@ class Trainer:
         if job.sharding.plan is not None:
             plan = load_plan(Path(job.sharding.plan), tables=tables, world_size=ctx.world_size, compute_device=spec.compute_device)
         else:
-            plan = make_plan(module, cfg=job.sharding, tables=tables, topology=spec, pg=torch.distributed.GroupMember.WORLD, sharders=sharders).plan
+            plan = collective_plan_for_objective(
+                module, pg=torch.distributed.GroupMember.WORLD, cfg=job.sharding, tables=tables, topology=spec,
+                objective=job.sharding.objective, sharders=sharders,
+            ).plan
         if ctx.is_main:
             rows = plan_rows(plan, tables)
             print("sharding plan:\n" + format_plan(rows), flush=True)
@@ -230,7 +234,7 @@ class _Progress:
         self.bar.close()
 
 
-def _tables(module: nn.Module) -> dict[str, tuple[int, int]]:
+def model_tables(module: nn.Module) -> dict[str, tuple[int, int]]:
     """Every embedding table of ``module``: name -> (rows, dim)."""
     out: dict[str, tuple[int, int]] = {}
     for m in module.modules():
