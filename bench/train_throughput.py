@@ -45,7 +45,7 @@ def _rank(job: JobConfig, source: str, run_dir: Path) -> float:
     try:
         cls = InMemoryTrainer if source == "memory" else Trainer
         with contextlib.redirect_stdout(io.StringIO()):  # the plan, printed by every run
-            trainer = cls(job, ctx=ctx, run_dir=run_dir, data=DataPaths(Path(job.data.train_path or ""), None))
+            trainer = cls(job, ctx=ctx, run_dir=run_dir, data=DataPaths(job.data.train_path or "", None))
             return trainer.fit().samples_per_s
     finally:
         shutdown()

@@ -134,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
     sy.add_argument("--output", required=True, help="folder to create (must not exist, or be empty)")
     sy.add_argument("--rows", required=True, type=int, help="rows in all")
     src = sy.add_mutually_exclusive_group()
-    src.add_argument("--tables", help="COUNTxROWS[:DIM[:HOTNESS[:ZIPF_A]]],... (e.g. 26x100000:16) or a .yaml/.csv of name, rows, dim, hotness, zipf_a")
+    src.add_argument("--tables", help="COUNTxROWS[:DIM[:HOTNESS[:ZIPF_A]]],... or a .yaml/.csv of name, rows, dim, hotness, zipf_a; default 26x100000:16")
     src.add_argument("--config", type=Path, help="job YAML whose features: section the data follow")
     sy.add_argument("--dense", type=int, help="dense columns next to --tables; default 13")
     sy.add_argument("--hotness", help="ids per row where a table does not say: N (exactly) or ~N (on average); default 1")

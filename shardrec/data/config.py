@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from shardrec.errors import ConfigError
 
@@ -34,7 +35,8 @@ class DataConfig:
     """Where training and evaluation data come from and how they are batched."""
 
     train_path: str | None = None
-    """A Parquet file or a folder of them; unset with ``synthetic`` set: synthetic data is used."""
+    """Parquet or CSV: a file, a folder, a glob, or an fsspec URL of one; unset with ``synthetic``
+    set: synthetic data is used."""
     eval_path: str | None = None
     """Held-out Parquet file or folder for periodic evaluation; unset: no evaluation."""
     batch_size: int = 512
@@ -42,7 +44,17 @@ class DataConfig:
     eval_batch_size: int | None = None
     """Rows per evaluation batch on each rank; unset: ``batch_size``."""
     prefetch: int = 2
-    """Batches a background thread prepares ahead of training; 0 reads in the training thread."""
+    """Batches a background thread prepares ahead of training (with workers: per worker); 0: none."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank reading and decoding; 0: in the training process."""
+    pin_memory: bool = True
+    """Pin batches in page-locked memory for faster host-to-GPU copies (no effect without CUDA)."""
+    shuffle_buffer: int = 0
+    """Shuffle training rows within windows of this many rows per rank and worker (seeded by
+    train.seed and the epoch); 0: file order."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """A row group that fails to decode (bad id, NaN, label outside 0/1 ...): stop with an error, or
+    skip its rows and count them in metrics.jsonl (``skipped_rows``)."""
     synthetic: SyntheticConfig | None = None
     """Make synthetic data on first use (cached under ``cache_dir``) when ``train_path`` is unset."""
     cache_dir: str = "~/.cache/shardrec"
@@ -55,5 +67,7 @@ class DataConfig:
             raise ConfigError(f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
         if self.prefetch < 0:
             raise ConfigError(f"data.prefetch must be >= 0, got {self.prefetch}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
         if self.train_path is None and self.synthetic is None:
             raise ConfigError("data.train_path is not set; set it to a Parquet file or folder, or add a data.synthetic section")

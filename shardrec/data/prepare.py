@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from shardrec.data.reader import validate_parquet
+from shardrec.data.reader import validate_data
 from shardrec.data.synthetic import ensure_synthetic
 from shardrec.job import JobConfig
 
@@ -19,7 +19,7 @@ def resolve_data(job: JobConfig) -> JobConfig:
     if data.train_path is None:
         train, held_out = ensure_synthetic(data, job.features)
         data = dataclasses.replace(data, train_path=str(train), eval_path=data.eval_path or str(held_out))
-    validate_parquet(data.train_path, job.features)
+    validate_data(data.train_path, job.features)
     if data.eval_path is not None:
-        validate_parquet(data.eval_path, job.features)
+        validate_data(data.eval_path, job.features)
     return dataclasses.replace(job, data=data)

@@ -48,10 +48,10 @@ WARMUP_STEPS = 10
 
 @dataclass
 class DataPaths:
-    """Resolved training and evaluation data."""
+    """Resolved training and evaluation data: local paths or fsspec URLs."""
 
-    train: Path
-    eval: Path | None
+    train: str
+    eval: str | None
 
 
 class Trainer:
@@ -65,6 +65,7 @@ class Trainer:
             self.model, dense=job.train.dense_optimizer, sparse=job.train.sparse_optimizer, world_size=ctx.world_size
         )
         self.step = 0
+        self.current_reader: ParquetReader | None = None
 
     def build_model(self) -> DistributedModelParallel:
         """Builds on meta, plans, shards and initializes the model independently of the plan."""
@@ -92,30 +93,51 @@ class Trainer:
         init_tables(model, seed=job.train.seed, tables=tables)
         return model
 
-    def reader(self, path: Path, *, batch_size: int, start_batch: int = 0) -> ParquetReader:
-        """A reader of this rank's share of ``path``."""
+    def reader(self, *, start_batch: int = 0, epoch: int = 0) -> ParquetReader:
+        """A reader of this rank's share of the training data, at ``start_batch`` of ``epoch``."""
+        data = self.job.data
         return ParquetReader(
-            path,
+            self.data.train,
             schema=self.job.features,
-            batch_size=batch_size,
+            batch_size=data.batch_size,
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
             start_batch=start_batch,
-            prefetch=self.job.data.prefetch,
+            epoch=epoch,
+            prefetch=data.prefetch,
+            num_workers=data.num_workers,
+            pin_memory=data.pin_memory and self.ctx.device.type == "cuda",
+            shuffle_buffer=data.shuffle_buffer,
+            seed=self.job.train.seed,
+            on_bad_rows=data.on_bad_rows,
+        )
+
+    def eval_reader(self) -> ParquetReader:
+        """This rank's share of the evaluation data, in file order, read in this process."""
+        assert self.data.eval is not None
+        data = self.job.data
+        return ParquetReader(
+            self.data.eval, schema=self.job.features, batch_size=data.eval_batch_size or data.batch_size,
+            rank=self.ctx.rank, world_size=self.ctx.world_size, prefetch=data.prefetch,
         )
 
     def total_steps(self) -> int:
         """Steps of the whole run, from ``train.steps`` or ``train.epochs``."""
         if self.job.train.steps is not None:
             return self.job.train.steps
-        return self.job.train.epochs * len(self.reader(self.data.train, batch_size=self.job.data.batch_size))  # type: ignore[operator]
+        return self.job.train.epochs * len(self.reader())  # type: ignore[operator]
 
     def batches(self, start_step: int) -> Iterator[Batch]:
-        """Training batches from step ``start_step`` on, epoch after epoch, moved to the device."""
-        per_epoch = len(self.reader(self.data.train, batch_size=self.job.data.batch_size))
+        """Training batches from step ``start_step`` on, epoch after epoch, moved to the device.
+
+        The reader's position follows from the step alone (epoch, batch within it), and its shuffle
+        from (seed, epoch): a resumed run sees exactly the batches an uninterrupted one would.
+        """
+        per_epoch = len(self.reader())
         epoch, offset = divmod(start_step, per_epoch)
         while True:
-            for batch in self.reader(self.data.train, batch_size=self.job.data.batch_size, start_batch=offset):
+            self.current_reader = self.reader(start_batch=offset, epoch=epoch)
+            for batch in self.current_reader:
                 yield batch.to(self.ctx.device)
             epoch, offset = epoch + 1, 0
 
@@ -164,8 +186,7 @@ class Trainer:
             return None
         model = eval_model(pipeline)
         model.eval()
-        batch_size = self.job.data.eval_batch_size or self.job.data.batch_size
-        batches = self.reader(self.data.eval, batch_size=batch_size)
+        batches = self.eval_reader()
         logits, labels = [], []
         for batch in itertools.islice(batches, self.job.train.eval_batches):
             _, (_, out, lab) = model(batch.to(self.ctx.device))
@@ -219,7 +240,11 @@ class _Progress:
             recent = float(torch.stack(self._losses[-self.interval :]).mean())
             rate = self.samples / (time.perf_counter() - self.start)
             self.bar.set_postfix(loss=f"{recent:.4f}", samples_s=f"{rate:,.0f}")
-            self.trainer.log.write("train", step=self.trainer.step, loss=recent, samples_per_s=rate)
+            extra = {}
+            reader = self.trainer.current_reader
+            if reader is not None and self.trainer.job.data.on_bad_rows == "skip":
+                extra["skipped_rows"] = reader.skipped_rows  # this epoch's, on this rank
+            self.trainer.log.write("train", step=self.trainer.step, loss=recent, samples_per_s=rate, **extra)
 
     def losses(self) -> list[float]:
         """Every step's loss on this rank."""

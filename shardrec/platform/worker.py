@@ -26,7 +26,7 @@ def run(job: JobConfig, *, run_dir: Path, resume: Path | None) -> TrainResult:
     ctx = init_distributed(compute_device=resolve_compute_device(job.sharding), timeout_s=job.train.timeout_s)
     try:
         assert job.data.train_path is not None, "the CLI resolves data paths before launching"
-        data = DataPaths(Path(job.data.train_path), Path(job.data.eval_path) if job.data.eval_path else None)
+        data = DataPaths(job.data.train_path, job.data.eval_path)
         trainer = Trainer(job, ctx=ctx, run_dir=run_dir, data=data)
         if resume is not None:
             trainer.resume(resume)

@@ -124,7 +124,7 @@ def try_candidate(
             pooling=pooling, partitioner=MemoryBalancedPartitioner(tolerance=0.1) if candidate.memory_balanced else None,
         )
     except PlanError as e:
-        return Outcome(candidate, None, None, time.perf_counter() - start, error=str(e).splitlines()[0])
+        return Outcome(candidate, None, None, time.perf_counter() - start, error=str(e))
     return Outcome(candidate, result, build_report(result.options, topology), time.perf_counter() - start)
 
 

@@ -217,7 +217,7 @@ def candidates_table(outcomes: list[Outcome], chosen: Outcome) -> str:
     for o in outcomes:
         mark = "  <- chosen" if o is chosen else ""
         if o.report is None:
-            lines.append(f"{o.candidate.name:<18} {'no plan':>9} {'':>13} {o.seconds:>7.1f}  {o.error}")
+            lines.append(f"{o.candidate.name:<18} {'no plan':>9} {'':>13} {o.seconds:>7.1f}  {(o.error or '').splitlines()[0]}")
         else:
             s = o.report.summary()
             lines.append(f"{o.candidate.name:<18} {s['est_step_ms']:>9.4f} {s['max_over_mean_memory']:>13.2f} {o.seconds:>7.1f}{mark}")
