@@ -92,7 +92,10 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
     out = Path(args.out) if args.out else None
     chart = Path(args.chart) if args.chart else (out.with_suffix(".png") if out else None)
     objective = args.objective or source.sharding.objective
-    plan_job.plan_command(source=source, topology=plan_job.read_topology(args.topology), objective=objective, out=out, chart=chart)
+    plan_job.plan_command(
+        source=source, topology=plan_job.read_topology(args.topology), objective=objective, out=out, chart=chart,
+        with_default=args.with_default,
+    )
     return 0
 
 
@@ -112,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--objective", choices=["balanced", "perf", "memory", "default"], help="default: the job's sharding.objective, else balanced")
     pl.add_argument("--out", help="write the plan (JSON, usable as --sharding.plan) here")
     pl.add_argument("--chart", help="write a PNG of memory and time per device here (default: next to --out)")
+    pl.add_argument("--with-default", action="store_true", help="also run torchrec's default planner on large inputs (slow)")
     pl.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="show two plan files side by side")
     pl.set_defaults(func=plan)
     d = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)

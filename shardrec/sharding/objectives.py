@@ -26,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner.partitioners import MemoryBalancedPartitioner
+from torchrec.distributed.planner.types import Proposer, ShardingOption
 from torchrec.distributed.types import ModuleSharder
 
 from shardrec.errors import PlanError
@@ -43,6 +44,30 @@ STEP_TOLERANCE = 1.10
 """balanced: the step time a more even plan may cost, relative to torchrec's default plan."""
 BALANCE_TARGET = 1.25
 """balanced: fullest device's memory over the mean that counts as even; the fastest such plan wins."""
+
+
+class BestPerTableProposer(Proposer):
+    """Proposes one plan: for each table, its option with the lowest estimated perf.
+
+    The candidates constrain every table to a few options already, so torchrec's greedy proposers
+    (hundreds of proposals, one partitioning each) would only spend minutes on large models.
+    """
+
+    def __init__(self) -> None:
+        self._proposal: list[ShardingOption] | None = None
+
+    def load(self, search_space: list[ShardingOption], enumerator: Any = None) -> None:
+        best: dict[str, ShardingOption] = {}
+        for option in search_space:
+            if option.fqn not in best or option.total_perf < best[option.fqn].total_perf:
+                best[option.fqn] = option
+        self._proposal = list(best.values())
+
+    def propose(self) -> list[ShardingOption] | None:
+        return self._proposal
+
+    def feedback(self, partitionable: bool, plan: Any = None, perf_rating: Any = None, storage_constraint: Any = None) -> None:
+        self._proposal = None
 
 
 @dataclass(frozen=True)
@@ -67,14 +92,20 @@ class Outcome:
 
 
 _SPLITS = ((64, 64), (64, 16), (32, 32), (32, 16), (32, 4), (16, 16), (16, 4))
+_GREEDY_TOO = {(64, 64), (32, 32), (32, 16)}
+DEFAULT_BUDGET = 20_000
+"""torchrec's default planner is a candidate when tables x ranks is at most this (it takes
+minutes beyond); ``shardrec plan --with-default`` includes it regardless."""
 
 
-def candidates() -> list[Candidate]:
-    """The candidates tried: torchrec's default, then column-wise splits under both partitioners."""
-    out = [Candidate("default", None, None, False)]
+def candidates(*, with_default: bool = True) -> list[Candidate]:
+    """The candidates tried: torchrec's default, then column-wise splits (memory-balanced, and a
+    few greedy ones, which were never better elsewhere)."""
+    out = [Candidate("default", None, None, False)] if with_default else []
     for small, big in _SPLITS:
-        for balanced in (False, True):
-            out.append(Candidate(f"cw{small}/{big}-{'mem' if balanced else 'greedy'}", small, big, balanced))
+        if (small, big) in _GREEDY_TOO:
+            out.append(Candidate(f"cw{small}/{big}-greedy", small, big, False))
+        out.append(Candidate(f"cw{small}/{big}-mem", small, big, True))
     return out
 
 
@@ -122,6 +153,7 @@ def try_candidate(
         result = make_plan(
             model, cfg=_config(cfg, candidate, free, big), tables=tables, topology=topology, pg=None, sharders=sharders,
             pooling=pooling, partitioner=MemoryBalancedPartitioner(tolerance=0.1) if candidate.memory_balanced else None,
+            proposer=None if candidate.min_partition is None else BestPerTableProposer(),
         )
     except PlanError as e:
         return Outcome(candidate, None, None, time.perf_counter() - start, error=str(e))
@@ -142,8 +174,9 @@ def choose(outcomes: list[Outcome], objective: Objective) -> Outcome:
         return min(ok, key=lambda o: (round(step(o), 6), balance(o)))
     if objective == "memory":
         return min(ok, key=lambda o: (round(balance(o), 3), step(o)))
-    limit = step(default) * STEP_TOLERANCE if default is not None else float("inf")
-    within = [o for o in ok if step(o) <= limit] or ok
+    # The reference is the default's step, or the fastest candidate's when the default was not planned.
+    reference = step(default) if default is not None else min(step(o) for o in ok)
+    within = [o for o in ok if step(o) <= reference * STEP_TOLERANCE] or ok
     even = [o for o in within if balance(o) <= BALANCE_TARGET]
     if even:
         return min(even, key=lambda o: (round(step(o), 6), balance(o)))
@@ -159,10 +192,12 @@ def plan_for_objective(
     objective: Objective,
     pooling: dict[str, float] | None = None,
     sharders: list[ModuleSharder[nn.Module]] | None = None,
+    with_default: bool = False,
 ) -> tuple[Outcome, list[Outcome]]:
     """Plans every candidate and returns the chosen outcome and all of them."""
     free = free_tables(cfg, tables)
-    todo = candidates() if free and objective != "default" else candidates()[:1]
+    with_default = with_default or objective == "default" or len(tables) * topology.world_size <= DEFAULT_BUDGET
+    todo = candidates(with_default=with_default) if free and objective != "default" else candidates()[:1]
     outcomes = [
         try_candidate(c, model, cfg=cfg, tables=tables, topology=topology, free=free, pooling=pooling, sharders=sharders)
         for c in todo

@@ -225,7 +225,13 @@ def candidates_table(outcomes: list[Outcome], chosen: Outcome) -> str:
 
 
 def plan_command(
-    *, source: PlanInput, topology: TopologyConfig, objective: Objective, out: Path | None, chart: Path | None
+    *,
+    source: PlanInput,
+    topology: TopologyConfig,
+    objective: Objective,
+    out: Path | None,
+    chart: Path | None,
+    with_default: bool = False,
 ) -> Outcome:
     """Plans ``source`` for ``topology`` with ``objective``, prints the report and writes the files."""
     from shardrec.sharding.chart import save_chart
@@ -234,11 +240,15 @@ def plan_command(
 
     spec = from_topology_config(topology)
     chosen, outcomes = plan_for_objective(
-        source.model, cfg=source.sharding, tables=source.tables, topology=spec, objective=objective, pooling=source.pooling
+        source.model, cfg=source.sharding, tables=source.tables, topology=spec, objective=objective,
+        pooling=source.pooling, with_default=with_default,
     )
     assert chosen.report is not None
     print(format_report(chosen.report))
     print(f"\ncandidates ({objective} objective):\n{candidates_table(outcomes, chosen)}")
+    if not any(o.candidate.name == "default" for o in outcomes):
+        print(f"(torchrec's default planner not run: {len(source.tables)} tables x {spec.world_size} ranks would take "
+              "minutes; --with-default runs it)")
     default = next((o for o in outcomes if o.candidate.name == "default" and o.report is not None), None)
     if default is not None and default is not chosen:
         print("\n" + comparison([("torchrec default", default.report.summary()), (f"{objective} ({chosen.candidate.name})", chosen.report.summary())]))

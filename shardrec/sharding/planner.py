@@ -16,6 +16,7 @@ from torchrec.distributed.planner.types import (
     HardwareConfig,
     KernelConfig,
     Partitioner,
+    Proposer,
     PlannerError,
     ShardingOption,
     TopologyFactory,
@@ -159,6 +160,7 @@ def make_plan(
     sharders: list[ModuleSharder[nn.Module]] | None = None,
     pooling: dict[str, float] | None = None,
     partitioner: Partitioner | None = None,
+    proposer: Proposer | None = None,
 ) -> PlanResult:
     """Plans ``model`` (built on the meta device) for ``topology``; collective when ``pg`` is given.
 
@@ -169,6 +171,7 @@ def make_plan(
         batch_size=topology.batch_size_per_rank,
         constraints=constraints(cfg, list(tables), pooling),
         **({"partitioner": partitioner} if partitioner is not None else {}),
+        **({"proposer": proposer} if proposer is not None else {}),
     )
     sharders = sharders or default_sharders()
     try:
