@@ -196,8 +196,9 @@ def _plan_failure(error: PlannerError, tables: dict[str, tuple[int, int]], topol
         f"no sharding plan fits: {error}\n"
         f"  largest tables: {sizes}; all tables need {_gib(total)} of weights before optimizer state\n"
         f"  available: {topology.world_size} x {_gib(topology.memory_per_device_bytes)} ({topology.compute_device})\n"
-        "  options: more devices, allow row_wise/table_row_wise/column_wise under sharding.default.sharding_types, "
-        "raise sharding.memory_per_device_gb, or smaller num_embeddings/embedding_dim"
+        "  options: more devices; UVM caching on cuda (compute_kernels: [fused_uvm_caching], tables stay in host "
+        "memory with a device cache); allow row_wise/table_row_wise/column_wise under sharding.default.sharding_types; "
+        "raise sharding.memory_per_device_gb; or smaller num_embeddings/embedding_dim"
     )
 
 
