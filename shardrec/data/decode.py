@@ -36,6 +36,10 @@ class Chunk:
     sparse: list[SparseColumn]
     offsets: list[np.ndarray]
     """Per sparse column: row offsets into its values (rows + 1 entries)."""
+    plain_lengths: np.ndarray | None = None
+    """``[unweighted features, rows]`` lengths, key-major like a KJT: a batch is one slice of it."""
+    plain_values: np.ndarray | None = None
+    """``[unweighted features, rows]`` ids when every such feature has exactly one id per row."""
 
     @property
     def rows(self) -> int:
@@ -46,11 +50,17 @@ def decode(table: pa.Table, schema: FeatureSchema, where: str) -> Chunk:
     """Decodes a table of the schema's columns; ``where`` names the file and row group in errors."""
     sparse = [decode_sparse(table, f, i, schema, where) for i, f in enumerate(schema.sparse)]
     labels = [_decode_labels(table.column(name), name, where) for name in schema.labels]
+    plain = [c for c, f in zip(sparse, schema.sparse) if not f.weights]
+    # Key-major stacks let a batch of single-id features be cut with one slice instead of one per key.
+    plain_lengths = np.stack([c.lengths for c in plain]) if plain else None
+    single = plain_lengths is not None and plain_lengths.size and plain_lengths.min() == 1 == plain_lengths.max()
     return Chunk(
         dense=_decode_dense(table, schema, where),
         labels=labels[0] if isinstance(schema.label, str) else np.stack(labels, axis=1),
         sparse=sparse,
         offsets=[np.concatenate(([0], np.cumsum(c.lengths, dtype=np.int64))) for c in sparse],
+        plain_lengths=plain_lengths,
+        plain_values=np.stack([c.values for c in plain]) if single else None,
     )
 
 
@@ -113,7 +123,7 @@ class Assembler:
         spans = self._pop(size)
         return Batch(
             dense_features=torch.from_numpy(np.concatenate([c.dense[a:b] for c, a, b in spans])),
-            sparse_features=_kjt(self._plain, spans, size, weighted=False),
+            sparse_features=_plain_kjt(self._plain, spans, size),
             labels=torch.from_numpy(np.concatenate([c.labels[a:b] for c, a, b in spans])),
             weighted_features=_kjt(self._weighted, spans, size, weighted=True) if self._weighted else None,
         )
@@ -130,6 +140,23 @@ class Assembler:
             size -= end - start
             self.rows -= end - start
         return spans
+
+
+def _plain_kjt(keys: list[tuple[int, str]], spans: list[tuple[Chunk, int, int]], size: int) -> KeyedJaggedTensor:
+    """The KJT of the unweighted features, cut from the chunks' key-major stacks where they have them."""
+    if not keys or any(c.plain_lengths is None for c, _, _ in spans):
+        return _kjt(keys, spans, size, weighted=False)
+    lengths = np.concatenate([c.plain_lengths[:, a:b] for c, a, b in spans], axis=1).ravel()  # type: ignore[index]
+    if all(c.plain_values is not None for c, _, _ in spans):
+        values = np.concatenate([c.plain_values[:, a:b] for c, a, b in spans], axis=1).ravel()  # type: ignore[index]
+    else:
+        values = _cat([c.sparse[k].values[c.offsets[k][a] : c.offsets[k][b]] for k, _ in keys for c, a, b in spans], np.int64)
+    return KeyedJaggedTensor(
+        keys=[name for _, name in keys],
+        values=torch.from_numpy(values.astype(np.int64, copy=False)),
+        lengths=torch.from_numpy(lengths.astype(np.int32, copy=False)),
+        stride=size,
+    )
 
 
 def _kjt(keys: list[tuple[int, str]], spans: list[tuple[Chunk, int, int]], size: int, *, weighted: bool) -> KeyedJaggedTensor:

@@ -61,7 +61,8 @@ def decode_sparse(table: pa.Table, f: SparseFeature, index: int, schema: Feature
 
 
 def _column(table: pa.Table, name: str) -> pa.Array:
-    arr = table.column(name).combine_chunks()
+    col = table.column(name)
+    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # combining one chunk still copies
     return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
 
 
