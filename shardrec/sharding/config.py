@@ -23,12 +23,16 @@ class TableConstraint:
     """Allowed compute kernels; unset: any the sharder offers on the compute device."""
     min_partition: int | None = None
     """Smallest column-shard width for column-wise sharding."""
+    cache_load_factor: float | None = None
+    """fused_uvm_caching: the fraction of the table's rows cached in device memory (e.g. 0.2)."""
 
     def check(self, key: str) -> None:
         """Raises a ConfigError naming ``key`` if a list is empty."""
         for name in ("sharding_types", "compute_kernels"):
             if getattr(self, name) == []:
                 raise ConfigError(f"'{key}.{name}' must list at least one choice, or be left unset")
+        if self.cache_load_factor is not None and not 0 < self.cache_load_factor <= 1:
+            raise ConfigError(f"'{key}.cache_load_factor' must be in (0, 1], got {self.cache_load_factor}")
 
 
 @dataclass(kw_only=True)
@@ -39,6 +43,9 @@ class ShardingConfig:
     """Device the ranks compute on; auto: cuda when available, else cpu."""
     memory_per_device_gb: float | None = None
     """Memory the planner may fill on each device (HBM on cuda, host memory on cpu); unset: detected."""
+    storage_reservation: float = 0.15
+    """Fraction of each GPU's HBM kept free for dense parameters, activations and buffers (torchrec
+    applies it to HBM only; on cpu, lower memory_per_device_gb instead)."""
     default: TableConstraint = field(default_factory=TableConstraint)
     """Constraint for every table not named under ``tables``."""
     tables: dict[str, TableConstraint] = field(default_factory=dict)
@@ -52,6 +59,8 @@ class ShardingConfig:
     def __post_init__(self) -> None:
         if self.memory_per_device_gb is not None and self.memory_per_device_gb <= 0:
             raise ConfigError(f"sharding.memory_per_device_gb must be > 0, got {self.memory_per_device_gb}")
+        if not 0 <= self.storage_reservation < 1:
+            raise ConfigError(f"sharding.storage_reservation must be in [0, 1), got {self.storage_reservation}")
         self.default.check("sharding.default")
         for name, constraint in self.tables.items():
             constraint.check(f"sharding.tables.{name}")

@@ -22,7 +22,8 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.types import CacheParams, ModuleSharder, ParameterSharding, ShardingPlan
 
 from shardrec.errors import PlanError
 from shardrec.sharding.config import ShardingConfig
@@ -135,6 +136,8 @@ def constraints(
             kwargs["compute_kernels"] = list(c.compute_kernels)
         if c.min_partition is not None:
             kwargs["min_partition"] = c.min_partition
+        if c.cache_load_factor is not None:
+            kwargs["cache_params"] = CacheParams(load_factor=c.cache_load_factor)
         out[table] = ParameterConstraints(**kwargs)
     return out
 
@@ -170,6 +173,7 @@ def make_plan(
         topology=torchrec_topology(topology),
         batch_size=topology.batch_size_per_rank,
         constraints=constraints(cfg, list(tables), pooling),
+        storage_reservation=HeuristicalStorageReservation(percentage=cfg.storage_reservation),
         **({"partitioner": partitioner} if partitioner is not None else {}),
         **({"proposer": proposer} if proposer is not None else {}),
     )

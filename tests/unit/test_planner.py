@@ -249,3 +249,21 @@ def test_save_plan_failure_keeps_previous_file(tmp_path: Path) -> None:
         save_plan([{"table": "t", "bad": object()}], CPU4, path)
     assert json.loads(path.read_text()) == {"previous": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_storage_reservation_shrinks_what_the_planner_may_fill(module: TrainModule, tables: dict[str, tuple[int, int]]) -> None:
+    # t_C3 (50,000 x 8 fp32 + row-wise state) is ~1.8 MB; 3 MB of HBM per device fits it with the
+    # default 15% reservation and not with 60% kept free, when no table may be split.
+    small = TopologySpec(world_size=4, local_world_size=4, compute_device="cuda", memory_per_device_bytes=3 * 1024**2)
+    only_whole = TableConstraint(sharding_types=["table_wise"], compute_kernels=["fused"])
+    _plan(module, tables, small, ShardingConfig(default=only_whole))
+    with pytest.raises(PlanError, match="t_C3"):
+        _plan(module, tables, small, ShardingConfig(default=only_whole, storage_reservation=0.6))
+
+
+def test_cache_load_factor_reaches_the_constraints() -> None:
+    cfg = ShardingConfig(tables={"t": TableConstraint(compute_kernels=["fused_uvm_caching"], cache_load_factor=0.2)})
+    got = constraints(cfg, ["t"])["t"]
+    assert got.cache_params is not None and got.cache_params.load_factor == 0.2
+    with pytest.raises(ConfigError, match=r"'sharding.tables.t.cache_load_factor' must be in \(0, 1\]"):
+        ShardingConfig(tables={"t": TableConstraint(cache_load_factor=1.5)})
