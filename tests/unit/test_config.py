@@ -42,7 +42,7 @@ def _error(overrides: list[str]) -> str:
         ("colour=red", "colour", "checkpoint, data, features, model, run, sharding, train"),
         ("train.colour=red", "train.colour", TRAIN_KEYS),
         ("train.sparse_optimizer.colour=red", "train.sparse_optimizer.colour", "eps, lr, name, weight_decay"),
-        ("sharding.tables={t_C1: {colour: red}}", "sharding.tables.t_C1.colour", "compute_kernels, min_partition, sharding_types"),
+        ("sharding.tables={t_C1: {colour: red}}", "sharding.tables.t_C1.colour", "cache_load_factor, compute_kernels, min_partition, sharding_types"),
         ("model.colour=red", "model.colour", "dense_arch_layer_sizes, over_arch_layer_sizes"),
     ],
 )
