@@ -99,15 +99,17 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    p = argparse.ArgumentParser(prog="shardrec", description="Train recommendation models with sharded embedding tables.")
-    sub = p.add_subparsers(dest="command", required=True)
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    """``shardrec train``."""
     t = sub.add_parser("train", help="train a job (no CONFIG: the embedded default job)")
     t.add_argument("config", nargs="?", type=Path, help="YAML job file")
     t.add_argument("--nproc", type=int, default=2, help="local processes (ranks); default 2")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH", help="continue the latest run, or the run/checkpoint at PATH")
     t.set_defaults(func=train)
+
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    """``shardrec plan``."""
     pl = sub.add_parser("plan", help="plan shards for a hardware topology (no GPU needed)")
     pl.add_argument("config", nargs="?", type=Path, help="YAML job file (tables taken from its model)")
     pl.add_argument("--tables", help="table list: YAML with 'tables:' or CSV name,rows,dim[,pooling_factor,...]")
@@ -118,6 +120,10 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--with-default", action="store_true", help="also run torchrec's default planner on large inputs (slow)")
     pl.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="show two plan files side by side")
     pl.set_defaults(func=plan)
+
+
+def _data_parser(sub: argparse._SubParsersAction) -> None:
+    """``shardrec data criteo|prepare|synth``."""
     d = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     c = d.add_parser("criteo", help="convert Criteo text (TSV/CSV) to Parquet")
     c.add_argument("--input", required=True)
@@ -150,6 +156,14 @@ def parser() -> argparse.ArgumentParser:
     sy.add_argument("--label-signal", action=argparse.BooleanOptionalAction, help="labels follow a planted, learnable logit (default) or are coin flips")
     sy.add_argument("--compression", choices=["none", "snappy", "lz4", "zstd"], help="default snappy")
     sy.set_defaults(func=synth_dataset)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="shardrec", description="Train recommendation models with sharded embedding tables.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _plan_parser, _data_parser):
+        add(sub)
     return p
 
 
