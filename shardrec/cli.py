@@ -99,6 +99,25 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def inspect(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``shardrec checkpoint inspect PATH [--json]``."""
+    from shardrec.platform.checkpoint import resolve_resume
+    from shardrec.platform.inspect import format_inspection, inspect_checkpoint, inspection_json
+
+    ins = inspect_checkpoint(resolve_resume(Path(args.path)))
+    print(inspection_json(ins) if args.json else format_inspection(ins))
+    return 0
+
+
+def _checkpoint_parser(sub: argparse._SubParsersAction) -> None:
+    """``shardrec checkpoint inspect``."""
+    c = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_command", required=True)
+    i = c.add_parser("inspect", help="tables, shapes, sharding, bytes, step and job of a checkpoint (offline)")
+    i.add_argument("path", help="a checkpoints/step-N folder, or a run folder (its latest checkpoint)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=inspect)
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     """``shardrec train``."""
     t = sub.add_parser("train", help="train a job (no CONFIG: the embedded default job)")
@@ -162,7 +181,7 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="shardrec", description="Train recommendation models with sharded embedding tables.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _plan_parser, _data_parser):
+    for add in (_train_parser, _plan_parser, _data_parser, _checkpoint_parser):
         add(sub)
     return p
 

@@ -131,7 +131,10 @@ def load(path: Path, *, model: nn.Module, optimizer: Optimizer) -> dict[str, Any
 
 def resolve_resume(path: Path) -> Path:
     """A run folder, its checkpoints folder or a step folder -> the checkpoint to resume from."""
-    if (path / META_FILE).is_file():
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path '{path}' does not exist; pass a run folder or a checkpoints/step-N folder")
+    if (path / META_FILE).is_file() or _STEP_DIR.match(path.name.removesuffix(".tmp")):
+        read_meta(path)  # a step folder: complete, or an error that says it is not
         return path
     for root in (path / "checkpoints", path):
         found = latest(root)

@@ -112,14 +112,19 @@ def test_resolve_resume_from_step_folder(run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "relative",
-    ["does-not-exist", "checkpoints/step-00000011.tmp", "empty-run", "checkpoints/step-00000012"],
+    "relative, message",
+    [
+        ("does-not-exist", "does not exist"),
+        ("checkpoints/step-00000011.tmp", "is not a complete checkpoint"),
+        ("empty-run", "no complete checkpoint under"),
+        ("checkpoints/step-00000012", "is not a complete checkpoint"),
+    ],
 )
-def test_resolve_resume_rejects_other_paths(run_dir: Path, relative: str) -> None:
+def test_resolve_resume_rejects_other_paths(run_dir: Path, relative: str, message: str) -> None:
     (run_dir / "empty-run").mkdir()
     _partial(run_dir / "checkpoints", "step-00000012")
     path = run_dir / relative
-    with pytest.raises(CheckpointError, match="no complete checkpoint under") as info:
+    with pytest.raises(CheckpointError, match=message) as info:
         resolve_resume(path)
     assert f"'{path}'" in str(info.value)
 
