@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch import nn
 from torch.optim import Optimizer
 
@@ -116,17 +119,79 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads(meta.read_text())
 
 
-def load(path: Path, *, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
-    """Loads ``path`` into ``model`` and ``optimizer`` in place and returns its meta (step ...)."""
+def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = True) -> dict[str, Any]:
+    """Loads ``path`` into ``model`` and ``optimizer`` in place and returns its meta (step ...).
+
+    DCP reshards on load, so the checkpoint may come from another world size or plan. Every model
+    tensor must be in the checkpoint with the same global shape, or this raises a CheckpointError
+    naming what differs. Optimizer state that the checkpoint holds in another layout (a table that
+    was data-parallel and is fused now, or whose per-shard state has another shape) cannot follow
+    the table: it starts from zero, with a warning naming the tables (``warn`` on rank 0).
+    """
     meta = read_meta(path)
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    flat, mapping = flatten_state_dict(state)
+    _check_model(path, flat, saved)
+    fresh = [k for k, v in flat.items() if k.startswith("optim.state.") and _mismatch(v, saved.get(k)) is not None]
     try:
-        dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP reports missing keys and shape mismatches as assorted exceptions
-        raise CheckpointError(f"checkpoint '{path}' does not match this model: {e}") from e
+        dcp.load(_without(state, [mapping[k] for k in fresh]), checkpoint_id=str(path))
+    except Exception as e:  # DCP reports damaged files as assorted exceptions
+        raise CheckpointError(f"checkpoint '{path}' could not be read: {e}") from e
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
+    if fresh and warn:
+        print(f"warning: optimizer state starts from zero for {sorted({_param_of(k) for k in fresh})}: checkpoint "
+              f"'{path}' holds it in another layout", flush=True)
     return meta
+
+
+def _mismatch(value: Any, saved: Any) -> str | None:
+    """Why ``value`` cannot load from the checkpoint entry ``saved`` (None: it can)."""
+    if saved is None:
+        return "missing"
+    if isinstance(value, torch.Tensor) and isinstance(saved, TensorStorageMetadata):
+        if tuple(value.size()) != tuple(saved.size):
+            return f"shape {list(saved.size)} in the checkpoint, {list(value.size())} in the model"
+    return None
+
+
+def _check_model(path: Path, flat: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Raises a CheckpointError naming model tensors that are missing, extra or of another shape."""
+    problems = [f"{k[6:]}: {why}" for k, v in flat.items() if k.startswith("model.") and (why := _mismatch(v, saved.get(k)))]
+    extra = sorted(k[6:] for k in saved if k.startswith("model.") and k not in flat)
+    problems += [f"{k}: in the checkpoint, not in the model" for k in extra]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint '{path}' was written by a different model: {shown}")
+
+
+def _without(state: dict[str, Any], paths: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """A copy of nested ``state`` without the leaves at ``paths``; the other leaves are shared."""
+    if not paths:
+        return state
+    heads: dict[Any, list[tuple[Any, ...]]] = {}
+    for p in paths:
+        heads.setdefault(p[0], []).append(p[1:])
+    out = {}
+    for key, value in state.items():
+        rest = heads.get(key)
+        if rest is None:
+            out[key] = value
+        elif any(len(r) == 0 for r in rest):
+            continue
+        else:
+            out[key] = _without(value, rest) if isinstance(value, dict) else value
+    return out
+
+
+def _param_of(flat_key: str) -> str:
+    """The table (or parameter) an optimizer state entry belongs to."""
+    key = flat_key.removeprefix("optim.state.")
+    for marker in (".embedding_bags.", ".embeddings."):
+        if marker in key:
+            return key.split(marker)[1].split(".")[0]
+    return key.rsplit(".", 1)[0]
 
 
 def resolve_resume(path: Path) -> Path:

@@ -144,7 +144,7 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Loads model, optimizers and step from checkpoint ``path``."""
         init_optimizer_state(self.optimizer)
-        meta = checkpoint.load(path, model=self.model, optimizer=self.optimizer)
+        meta = checkpoint.load(path, model=self.model, optimizer=self.optimizer, warn=self.ctx.is_main)
         self.step = int(meta["step"])
         if self.ctx.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)

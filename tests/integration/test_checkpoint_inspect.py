@@ -49,3 +49,13 @@ def test_inspect_text_and_bad_paths(run_dir: Path, tmp_path: Path, capsys: pytes
     partial.mkdir()
     assert cli_main(["checkpoint", "inspect", str(partial)]) == 2
     assert "is not a complete checkpoint" in capsys.readouterr().err
+
+
+def test_resume_into_a_different_model_names_what_differs(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = yaml.safe_load((run_dir / "config.yaml").read_text())
+    job["features"]["tables"][2]["num_embeddings"] = 999  # t_C3: 1000 rows when saved
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(job))
+    capsys.readouterr()
+    assert cli_main(["train", str(tmp_path / "other.yaml"), "--nproc", "1", f"--resume={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "was written by a different model" in err and "t_C3" in err and "[1000, 8]" in err and "[999, 8]" in err
