@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,22 @@ META_FILE = "meta.json"
 
 
 @dataclass(kw_only=True)
+class WarmStartConfig:
+    """Where a new run takes its initial weights from (shardrec/platform/warm_start.py)."""
+
+    path: str
+    """A checkpoint (checkpoints/step-N) or a run folder (its latest checkpoint)."""
+    tables: dict[str, str] = field(default_factory=dict)
+    """New table name -> table name in the checkpoint, for tables that were renamed."""
+    optimizer: bool = True
+    """Also take the optimizer state (false: fresh optimizers)."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("checkpoint.warm_start.path must name a checkpoint or run folder")
+
+
+@dataclass(kw_only=True)
 class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
 
@@ -42,12 +58,15 @@ class CheckpointConfig:
     """Save every this many steps; 0: only at the end of training."""
     keep_last_n: int = 3
     """Committed checkpoints to keep; older ones are removed after a new one commits."""
+    warm_start: WarmStartConfig | None = None
+    """Start a new run from another run's checkpoint (ignored with --resume)."""
 
     def __post_init__(self) -> None:
         if self.interval < 0:
             raise ConfigError(f"checkpoint.interval must be >= 0, got {self.interval}")
         if self.keep_last_n < 1:
             raise ConfigError(f"checkpoint.keep_last_n must be >= 1, got {self.keep_last_n}")
+
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -78,12 +97,12 @@ def save(
     extra: dict[str, Any],
     is_main: bool,
     keep_last_n: int,
-    attach: list[Path] | None = None,
+    attach: dict[str, str] | None = None,
 ) -> Path:
     """Saves model and optimizer state after ``step`` steps; collective over all ranks.
 
-    ``attach`` files (the plan and resolved config) are copied in, so a checkpoint knows the
-    layout and job it came from.
+    ``attach`` maps file names to text written into the checkpoint (the plan and the resolved job),
+    so a checkpoint knows the layout and job it came from.
     """
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -94,9 +113,8 @@ def save(
     dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
     _barrier()
     if is_main:
-        for f in attach or []:
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+        for name, text in (attach or {}).items():
+            (tmp / name).write_text(text)
         (tmp / META_FILE).write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -54,7 +54,8 @@ def prepare(job: JobConfig, *, resume: bool, resume_path: str | None) -> RunPath
     ckpt = find_resume(job, resume_path) if resume else None
     run_dir = ckpt.parent.parent if ckpt is not None else new_run(job)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = run_dir / "config.yaml"
+    # A resumed run keeps the first config.yaml; each resume's resolved job is kept beside it.
+    config = run_dir / ("config.yaml" if ckpt is None else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     tmp = config.with_suffix(".yaml.tmp")
     tmp.write_text(dump_job(job))
     tmp.replace(config)

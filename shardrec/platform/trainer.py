@@ -17,13 +17,14 @@ from tqdm import tqdm
 
 from shardrec.data.batch import Batch
 from shardrec.data.reader import ParquetReader
-from shardrec.job import JobConfig
+from shardrec.job import JobConfig, dump_job
 from shardrec.models import registry
 from shardrec.platform import checkpoint
 from shardrec.platform.dist import DistContext
 from shardrec.platform.init import init_dense, init_tables
 from shardrec.platform.metrics import MetricsLog, eval_metrics
 from shardrec.platform.optim import build_optimizer, fuse_sparse_optimizer, init_optimizer_state
+from shardrec.platform.warm_start import warm_start
 from shardrec.platform.pipeline import TrainModule, eval_model, make_pipeline, resume_training
 from shardrec.sharding.plan_file import load_plan
 from shardrec.sharding.objectives import collective_plan_for_objective
@@ -141,6 +142,16 @@ class Trainer:
                 yield batch.to(self.ctx.device)
             epoch, offset = epoch + 1, 0
 
+    def warm_start(self) -> None:
+        """Initializes from ``checkpoint.warm_start`` (a new run: the step stays 0)."""
+        cfg = self.job.checkpoint.warm_start
+        assert cfg is not None
+        if cfg.optimizer:
+            init_optimizer_state(self.optimizer)
+        warm_start(cfg, model=self.model, optimizer=self.optimizer, warn=self.ctx.is_main)
+        if self.ctx.is_main:
+            print(f"warm start from {cfg.path}", flush=True)
+
     def resume(self, path: Path) -> None:
         """Loads model, optimizers and step from checkpoint ``path``."""
         init_optimizer_state(self.optimizer)
@@ -175,6 +186,11 @@ class Trainer:
         return TrainResult(
             step=self.step, eval=result_eval, checkpoint=last_ckpt, losses=progress.losses(), samples_per_s=rate
         )
+
+    def _attachments(self) -> dict[str, str]:
+        """Texts every checkpoint carries: this run's plan and its resolved job."""
+        plan = self.run_dir / "plan.json"
+        return {"config.yaml": dump_job(self.job), **({"plan.json": plan.read_text()} if plan.is_file() else {})}
 
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0
@@ -212,7 +228,7 @@ class Trainer:
             extra={"model": self.job.model_name, "world_size": self.ctx.world_size},
             is_main=self.ctx.is_main,
             keep_last_n=self.job.checkpoint.keep_last_n,
-            attach=[self.run_dir / "plan.json", self.run_dir / "config.yaml"],
+            attach=self._attachments(),
         )
 
 

@@ -30,6 +30,8 @@ def run(job: JobConfig, *, run_dir: Path, resume: Path | None) -> TrainResult:
         trainer = Trainer(job, ctx=ctx, run_dir=run_dir, data=data)
         if resume is not None:
             trainer.resume(resume)
+        elif job.checkpoint.warm_start is not None:
+            trainer.warm_start()
         result = trainer.fit()
         if ctx.is_main:
             (run_dir / "result.json").write_text(json.dumps(summary(result), indent=2) + "\n")

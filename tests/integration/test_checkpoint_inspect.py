@@ -59,3 +59,41 @@ def test_resume_into_a_different_model_names_what_differs(run_dir: Path, tmp_pat
     assert cli_main(["train", str(tmp_path / "other.yaml"), "--nproc", "1", f"--resume={run_dir}"]) == 2
     err = capsys.readouterr().err
     assert "was written by a different model" in err and "t_C3" in err and "[1000, 8]" in err and "[999, 8]" in err
+
+
+def test_warm_start_takes_renamed_tables_and_keeps_the_rest_fresh(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import torch
+
+    job = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tables = job["features"]["tables"]
+    tables[0]["name"] = "users"  # t_C1 renamed
+    job["features"]["sparse"][0]["table"] = "users"
+    tables[4]["num_embeddings"] = 301  # t_C5 reshaped: cannot take the saved rows
+    job["train"]["steps"] = 1
+    job["checkpoint"] = {"enabled": True, "warm_start": {"path": str(run_dir), "tables": {"users": "t_C1"}}}
+    job["run"] = {"root": str(tmp_path / "runs"), "name": "warm"}
+    (tmp_path / "warm.yaml").write_text(yaml.safe_dump(job))
+    capsys.readouterr()
+    assert cli_main(["train", str(tmp_path / "warm.yaml"), "--nproc", "1", "--train.steps=1", "--train.sparse_optimizer.lr=1e-9", "--train.dense_optimizer.lr=1e-9"]) == 0
+    out = capsys.readouterr().out
+    assert "warm start from" in out and "t_C5" in out and "kept fresh values" in out
+    (new_run,) = (tmp_path / "runs" / "warm").iterdir()
+    dcp_to_torch_save(str(new_run / "checkpoints" / "step-00000001"), str(tmp_path / "new.pt"))
+    dcp_to_torch_save(str(run_dir / "checkpoints" / "step-00000004"), str(tmp_path / "old.pt"))
+    new, old = torch.load(tmp_path / "new.pt", weights_only=False)["model"], torch.load(tmp_path / "old.pt", weights_only=False)["model"]
+    key = "model.ebc.embedding_bags.{}.weight"
+    # After one step at lr 1e-9 the renamed and the untouched tables still hold the saved rows.
+    torch.testing.assert_close(new[key.format("users")], old[key.format("t_C1")], rtol=0, atol=1e-6)
+    torch.testing.assert_close(new[key.format("t_C3")], old[key.format("t_C3")], rtol=0, atol=1e-6)
+    assert new[key.format("t_C5")].shape == (301, 8)
+
+
+def test_warm_start_from_a_table_the_checkpoint_lacks_is_an_error(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = yaml.safe_load((run_dir / "config.yaml").read_text())
+    job["checkpoint"] = {"enabled": False, "warm_start": {"path": str(run_dir), "tables": {"t_C1": "nope"}}}
+    job["run"] = {"root": str(tmp_path / "runs")}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(job))
+    capsys.readouterr()
+    assert cli_main(["train", str(tmp_path / "bad.yaml"), "--nproc", "1"]) == 2
+    assert "checkpoint.warm_start.tables maps to ['nope']" in capsys.readouterr().err
