@@ -97,3 +97,11 @@ def test_warm_start_from_a_table_the_checkpoint_lacks_is_an_error(run_dir: Path,
     capsys.readouterr()
     assert cli_main(["train", str(tmp_path / "bad.yaml"), "--nproc", "1"]) == 2
     assert "checkpoint.warm_start.tables maps to ['nope']" in capsys.readouterr().err
+
+
+def test_keep_last_n_prunes_older_checkpoints_and_no_tmp_is_left(tmp_path: Path) -> None:
+    job = tiny_job_dict(tmp_path, steps=6, checkpoint={"enabled": True, "interval": 2, "keep_last_n": 2})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert cli_main(["train", str(tmp_path / "job.yaml"), "--nproc", "1"]) == 0
+    (run,) = (tmp_path / "runs" / "dlrm").iterdir()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
