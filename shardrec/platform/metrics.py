@@ -51,9 +51,21 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 
 
 def eval_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """AUC and log loss over the predictions of every rank."""
-    all_logits, all_labels = gather(logits.float()), gather(labels.float())
-    return {"auc": auc(all_logits, all_labels), "log_loss": log_loss(all_logits, all_labels), "rows": all_labels.numel()}
+    """AUC and log loss over the predictions of every rank; ``[N, T]`` inputs (T tasks) give each
+    task's as ``auc_task<i>``/``log_loss_task<i>`` and their means as ``auc``/``log_loss``.
+
+    The tensors stay on their device for the gather (nccl gathers cuda tensors only); the
+    metrics are computed on the host.
+    """
+    if logits.dim() == 1:
+        all_logits, all_labels = gather(logits.float()).cpu(), gather(labels.float()).cpu()
+        return {"auc": auc(all_logits, all_labels), "log_loss": log_loss(all_logits, all_labels), "rows": all_labels.numel()}
+    tasks = [eval_metrics(logits[:, i].contiguous(), labels[:, i].contiguous()) for i in range(logits.shape[1])]
+    out: dict[str, float] = {"rows": tasks[0]["rows"]}
+    for name in ("auc", "log_loss"):
+        out.update({f"{name}_task{i}": t[name] for i, t in enumerate(tasks)})
+        out[name] = sum(t[name] for t in tasks) / len(tasks)
+    return out
 
 
 class MetricsLog:

@@ -129,7 +129,8 @@ class Trainer:
         return self.job.train.epochs * len(self.reader())  # type: ignore[operator]
 
     def batches(self, start_step: int) -> Iterator[Batch]:
-        """Training batches from step ``start_step`` on, epoch after epoch, moved to the device.
+        """Training batches from step ``start_step`` on, epoch after epoch, on the host: the
+        pipeline copies each to the device itself (on its own stream with sparse_dist).
 
         The reader's position follows from the step alone (epoch, batch within it), and its shuffle
         from (seed, epoch): a resumed run sees exactly the batches an uninterrupted one would.
@@ -139,7 +140,7 @@ class Trainer:
         while True:
             self.current_reader = self.reader(start_batch=offset, epoch=epoch)
             for batch in self.current_reader:
-                yield batch.to(self.ctx.device)
+                yield batch
             epoch, offset = epoch + 1, 0
 
     def warm_start(self) -> None:
@@ -206,8 +207,8 @@ class Trainer:
         logits, labels = [], []
         for batch in itertools.islice(batches, self.job.train.eval_batches):
             _, (_, out, lab) = model(batch.to(self.ctx.device))
-            logits.append(out.float().cpu())
-            labels.append(lab.float().cpu())
+            logits.append(out.float())
+            labels.append(lab.float())
         model.train()
         resume_training(pipeline)
         metrics = eval_metrics(torch.cat(logits), torch.cat(labels))

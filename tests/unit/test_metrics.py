@@ -136,3 +136,16 @@ def test_metrics_log_disabled_writes_nothing(tmp_path: Path) -> None:
     log.write("train", step=1, loss=0.1)
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_metrics_per_task_for_two_label_columns() -> None:
+    from shardrec.platform.metrics import auc as auc_fn, eval_metrics
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(200, 2, generator=g)
+    labels = (torch.rand(200, 2, generator=g) < torch.sigmoid(logits)).float()
+    got = eval_metrics(logits, labels)
+    assert got["rows"] == 200
+    for i in range(2):
+        assert got[f"auc_task{i}"] == auc_fn(logits[:, i], labels[:, i])
+    assert got["auc"] == (got["auc_task0"] + got["auc_task1"]) / 2
