@@ -52,6 +52,12 @@ class JobConfig:
         if "name" not in self.model:
             raise ConfigError(f"missing config key 'model.name'; known models: {', '.join(registry.names())}")
         registry.model_config(self.model_name, self.model_params)
+        labels = self.features.labels
+        if len(labels) > 1 and not registry.get(self.model_name).multi_task:
+            raise ConfigError(
+                f"features.label lists {len(labels)} labels ({', '.join(labels)}) but model '{self.model_name}' predicts "
+                "one; set features.label to one of them, or use a multi-task model"
+            )
 
     @property
     def model_name(self) -> str:

@@ -29,18 +29,20 @@ class ModelEntry:
     name: str
     config_cls: type
     builder: Builder
+    multi_task: bool = False
+    """Predicts one logit per label column (``[B, T]``); single-task models predict ``[B]``."""
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register(name: str, config_cls: type) -> Callable[[F], F]:
+def register(name: str, config_cls: type, *, multi_task: bool = False) -> Callable[[F], F]:
     """Registers ``builder(config, *, schema, device) -> nn.Module`` under ``name``."""
 
     def wrap(builder: F) -> F:
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
-        _REGISTRY[name] = ModelEntry(name=name, config_cls=config_cls, builder=builder)
+        _REGISTRY[name] = ModelEntry(name=name, config_cls=config_cls, builder=builder, multi_task=multi_task)
         return builder
 
     return wrap

@@ -26,7 +26,10 @@ def job_from(report: PrepareReport, model: dict[str, Any]) -> JobConfig:
     """The job a user gets by including the written schema.yaml and adding a model section."""
     job = report.output.parent / "job.yaml"
     job.write_text(f"include: [{report.schema_path}]\n")
-    return build(JobConfig, {**load_yaml(job), "model": model}, key="")
+    data = {**load_yaml(job), "model": model}
+    if isinstance(data["features"]["label"], list):  # single-task zoo models train on one of the labels
+        data["features"]["label"] = data["features"]["label"][0]
+    return build(JobConfig, data, key="")
 
 
 def csv_rows(path: Path, *, header: bool = True) -> list[list[str]]:

@@ -424,3 +424,14 @@ def test_dlrm_params_reach_the_job() -> None:
     job = load_job(None, ["model.over_arch_layer_sizes=[8,1]"])
     assert job.model_name == "dlrm"
     assert job.model_params == {"dense_arch_layer_sizes": [64, 16], "over_arch_layer_sizes": [8, 1]}
+
+
+def test_several_labels_need_a_multi_task_model(tmp_path: Path) -> None:
+    from helpers import tiny_job_dict
+    from shardrec.config import build as build_config
+    from shardrec.job import JobConfig
+
+    job = tiny_job_dict(tmp_path)
+    job["features"]["label"] = ["label", "label"]
+    with pytest.raises(ConfigError, match=r"features.label lists 2 labels \(label, label\) but model 'dlrm' predicts one"):
+        build_config(JobConfig, job, key="")

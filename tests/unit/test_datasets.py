@@ -31,6 +31,8 @@ def load_job(report: PrepareReport, model: dict[str, Any] | None = None) -> JobC
     data = load_yaml(job)
     if model is not None:
         data["model"] = model
+    if isinstance(data["features"]["label"], list):  # single-task zoo models train on one of the labels
+        data["features"]["label"] = data["features"]["label"][0]
     return build(JobConfig, data, key="")
 
 
