@@ -100,8 +100,8 @@ def test_census_sample(sample_data: Path, tmp_path: Path) -> None:
     assert report.train.positives["income_50k"] + report.eval.positives["income_50k"] == income
     assert report.train.positives["never_married"] + report.eval.positives["never_married"] == never
     assert report.cardinalities["education"] == len({r[5].strip() for r in raw})
+    assert load_yaml(report.schema_path)["features"]["label"] == ["income_50k", "never_married"]
     job = job_from(report, {"name": "deepfm", "deep_layer_sizes": [32, 16]})
-    assert job.features.label == ["income_50k", "never_married"]
     validate_parquet(job.data.train_path, job.features)
     validate_parquet(job.data.eval_path, job.features)
 
