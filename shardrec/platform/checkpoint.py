@@ -5,21 +5,19 @@ Layout of a run folder::
     checkpoints/step-00000200/      committed checkpoint (DCP shards + .metadata + meta.json)
     checkpoints/step-00000300.tmp/  a save in progress or interrupted; never read
 
-A checkpoint is written under a ``.tmp`` name and renamed by rank 0 once every rank has finished,
-so a crash during a save leaves the previous checkpoint as the latest.
+A checkpoint is written under a ``.tmp`` name and renamed by rank 0 once every rank has finished
+(shardrec/platform/saver.py), so a crash during a save leaves the previous checkpoint as the latest.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -58,6 +56,9 @@ class CheckpointConfig:
     """Save every this many steps; 0: only at the end of training."""
     keep_last_n: int = 3
     """Committed checkpoints to keep; older ones are removed after a new one commits."""
+    async_save: bool = False
+    """Write checkpoints in the background (DCP async_save, staged to host memory first, at most one
+    in flight) while training goes on; a save commits when the next one starts or training ends."""
     warm_start: WarmStartConfig | None = None
     """Start a new run from another run's checkpoint (ignored with --resume)."""
 
@@ -86,42 +87,6 @@ def latest(root: Path) -> Path | None:
     """The newest committed checkpoint under ``root``, if any."""
     found = committed(root)
     return found[-1] if found else None
-
-
-def save(
-    root: Path,
-    *,
-    step: int,
-    model: nn.Module,
-    optimizer: Optimizer,
-    extra: dict[str, Any],
-    is_main: bool,
-    keep_last_n: int,
-    attach: dict[str, str] | None = None,
-) -> Path:
-    """Saves model and optimizer state after ``step`` steps; collective over all ranks.
-
-    ``attach`` maps file names to text written into the checkpoint (the plan and the resolved job),
-    so a checkpoint knows the layout and job it came from.
-    """
-    final = step_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
-    _barrier()
-    if is_main:
-        for name, text in (attach or {}).items():
-            (tmp / name).write_text(text)
-        (tmp / META_FILE).write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in committed(root)[:-keep_last_n]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -224,8 +189,3 @@ def resolve_resume(path: Path) -> Path:
         if found is not None:
             return found
     raise CheckpointError(f"no complete checkpoint under '{path}'; pass a run folder that has checkpoints/step-N")
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -25,6 +25,7 @@ from shardrec.platform.init import init_dense, init_tables
 from shardrec.platform.metrics import MetricsLog, eval_metrics
 from shardrec.platform.optim import build_optimizer, fuse_sparse_optimizer, init_optimizer_state
 from shardrec.platform.warm_start import warm_start
+from shardrec.platform.saver import Saver
 from shardrec.platform.pipeline import TrainModule, eval_model, make_pipeline, resume_training
 from shardrec.sharding.plan_file import load_plan
 from shardrec.sharding.objectives import collective_plan_for_objective
@@ -67,6 +68,8 @@ class Trainer:
         )
         self.step = 0
         self.current_reader: ParquetReader | None = None
+        cfg = job.checkpoint
+        self.saver = Saver(run_dir / "checkpoints", is_main=ctx.is_main, keep_last_n=cfg.keep_last_n, asynchronous=cfg.async_save)
 
     def build_model(self) -> DistributedModelParallel:
         """Builds on meta, plans, shards and initializes the model independently of the plan."""
@@ -184,6 +187,7 @@ class Trainer:
             result_eval = self.evaluate(pipeline)
         if self.job.checkpoint.enabled:
             last_ckpt = self.save()
+        self.saver.close()
         return TrainResult(
             step=self.step, eval=result_eval, checkpoint=last_ckpt, losses=progress.losses(), samples_per_s=rate
         )
@@ -221,14 +225,11 @@ class Trainer:
         """Writes a checkpoint of the current step."""
         if not self.job.checkpoint.enabled:
             return None
-        return checkpoint.save(
-            self.run_dir / "checkpoints",
+        return self.saver.save(
             step=self.step,
             model=self.model,
             optimizer=self.optimizer,
-            extra={"model": self.job.model_name, "world_size": self.ctx.world_size},
-            is_main=self.ctx.is_main,
-            keep_last_n=self.job.checkpoint.keep_last_n,
+            meta={"model": self.job.model_name, "world_size": self.ctx.world_size},
             attach=self._attachments(),
         )
 

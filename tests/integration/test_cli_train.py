@@ -38,8 +38,11 @@ def _only_run(tmp: Path) -> Path:
     return run
 
 
-def test_train_two_ranks_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
-    job = _write_job(tmp_path, steps=16, checkpoint={"enabled": True, "interval": 8}, train={"log_interval": 1})
+@pytest.mark.parametrize("async_save", [False, True])
+def test_train_two_ranks_then_resume_matches_uninterrupted(tmp_path: Path, async_save: bool) -> None:
+    # With async_save the step-8 checkpoint is written while steps 9-16 train: resuming from it
+    # still matches, so the save holds the state of step 8, not a later one.
+    job = _write_job(tmp_path, steps=16, checkpoint={"enabled": True, "interval": 8, "async_save": async_save}, train={"log_interval": 1})
     first = _shardrec("train", str(job), "--nproc", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sharding plan:" in first.stdout and "eval auc:" in first.stdout
