@@ -42,3 +42,33 @@ def test_saves_commit_with_meta_and_prune(tmp_path: Path, asynchronous: bool) ->
     assert (tmp_path / "step-00000003" / "note.txt").read_text() == "3"
     meta = load(tmp_path / "step-00000003", model=model, optimizer=optimizer)
     assert meta["step"] == 3 and torch.equal(model.weight, weights[3])
+
+
+_KILLED = """
+import os, sys, torch
+from torch import nn
+from shardrec.platform.saver import Saver
+model = nn.Linear(2048, 2048)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+saver = Saver(__import__("pathlib").Path(sys.argv[1]), is_main=True, keep_last_n=3, asynchronous=True)
+with torch.no_grad():
+    model.weight.fill_(1.0)
+saver.save(step=1, model=model, optimizer=opt, meta={}, attach={})
+saver.wait()
+with torch.no_grad():
+    model.weight.fill_(2.0)
+saver.save(step=2, model=model, optimizer=opt, meta={}, attach={})
+os.kill(os.getpid(), 9)  # dies while step 2 is being written, before it can commit
+"""
+
+
+def test_a_process_killed_during_an_async_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _KILLED, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert latest(tmp_path) == tmp_path / "step-00000001"
+    model = nn.Linear(2048, 2048)
+    meta = load(tmp_path / "step-00000001", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert meta["step"] == 1 and bool((model.weight == 1.0).all())
