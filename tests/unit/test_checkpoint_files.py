@@ -176,7 +176,7 @@ def test_checkpoint_config_defaults() -> None:
         ({"keep_last_n": 0}, "checkpoint.keep_last_n must be >= 1, got 0"),
         ({"interval": "often"}, "'checkpoint.interval' must be of type int, got 'often'"),
         ({"enabled": "yes"}, "'checkpoint.enabled' must be of type bool, got 'yes'"),
-        ({"keep": 2}, "unknown config key 'checkpoint.keep'; valid keys under 'checkpoint' are: enabled, interval, keep_last_n"),
+        ({"keep": 2}, "unknown config key 'checkpoint.keep'; valid keys under 'checkpoint' are: async_save, enabled, interval, keep_last_n, warm_start"),
     ],
 )
 def test_checkpoint_config_errors_name_the_key(data: dict[str, object], expected: str) -> None:
