@@ -283,7 +283,7 @@ def _integers(col: pa.StringArray) -> pa.Array:
     try:
         floats = pc.cast(col, pa.float64())
     except pa.ArrowInvalid:
-        raise _BadValue(_first_unparsable(col, pa.float64())) from None
+        raise _BadValue(first_unparsable(col, pa.float64())) from None
     not_integral = pc.invert(pc.equal(pc.floor(floats), floats))  # NaN and infinities fail too
     if pc.any(not_integral).as_py():
         raise _BadValue(_first_true(not_integral))
@@ -296,7 +296,7 @@ def _integers(col: pa.StringArray) -> pa.Array:
         raise _BadValue(_first_true(pc.invert(exact))) from None
 
 
-def _first_unparsable(col: pa.Array, typ: pa.DataType) -> int:
+def first_unparsable(col: pa.Array, typ: pa.DataType) -> int:
     """Index of the first value arrow cannot cast to ``typ``, by bisection (only on the error path)."""
     lo, hi = 0, len(col)
     while hi - lo > 1:

@@ -171,10 +171,18 @@ def _without(state: dict[str, Any], paths: list[tuple[Any, ...]]) -> dict[str, A
 def _param_of(flat_key: str) -> str:
     """The table (or parameter) an optimizer state entry belongs to."""
     key = flat_key.removeprefix("optim.state.")
-    for marker in (".embedding_bags.", ".embeddings."):
+    return table_of_key(key) or key.rsplit(".", 1)[0]
+
+
+TABLE_MARKERS = (".embedding_bags.", ".embeddings.")
+
+
+def table_of_key(key: str) -> str | None:
+    """The embedding table a state-dict key belongs to (the name after ``.embedding_bags.``), if any."""
+    for marker in TABLE_MARKERS:
         if marker in key:
-            return key.split(marker)[1].split(".")[0]
-    return key.rsplit(".", 1)[0]
+            return key.split(marker, 1)[1].split(".")[0]
+    return None
 
 
 def resolve_resume(path: Path) -> Path:

@@ -17,10 +17,8 @@ import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from shardrec.errors import CheckpointError
-from shardrec.platform.checkpoint import read_meta
-
-_TABLE_MARKERS = (".embedding_bags.", ".embeddings.")
-
+from shardrec.output import text_table
+from shardrec.platform.checkpoint import read_meta, table_of_key
 
 @dataclass
 class TableEntry:
@@ -58,13 +56,6 @@ def _bytes(md: TensorStorageMetadata) -> int:
     return n * md.properties.dtype.itemsize  # type: ignore[union-attr]
 
 
-def _table_name(key: str) -> str | None:
-    for marker in _TABLE_MARKERS:
-        if marker in key:
-            return key.split(marker)[1].split(".")[0]
-    return None
-
-
 def inspect_checkpoint(path: Path) -> Inspection:
     """Reads what the checkpoint at ``path`` holds; raises CheckpointError naming a missing part."""
     meta = read_meta(path)
@@ -79,7 +70,7 @@ def inspect_checkpoint(path: Path) -> Inspection:
     for key, md in metadata.state_dict_metadata.items():
         if not isinstance(md, TensorStorageMetadata):
             continue
-        name = _table_name(key)
+        name = table_of_key(key)
         if key.startswith("model.") and name is not None:
             tables[name] = TableEntry(name, list(md.size), len(md.chunks), types.get(name), _bytes(md))
         elif key.startswith("model."):
@@ -106,14 +97,11 @@ def format_inspection(ins: Inspection) -> str:
          ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in t.optimizer_state.items()) or "-")
         for t in ins.tables
     ]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
     return (
         f"checkpoint {ins.path}\n  step {ins.step}, model {ins.model}, saved by {ins.world_size} ranks, "
         f"{ins.files_bytes / 2**20:.2f} MiB on disk\n"
         f"  dense: {ins.dense_params:,} parameters ({ins.dense_bytes / 2**20:.3f} MiB), optimizer state "
-        f"{ins.dense_optimizer_bytes / 2**20:.3f} MiB\n\n" + "\n".join(lines)
+        f"{ins.dense_optimizer_bytes / 2**20:.3f} MiB\n\n" + text_table(header, rows)
     )
 
 

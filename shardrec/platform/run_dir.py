@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shardrec.errors import CheckpointError
 from shardrec.job import JobConfig, dump_job
+from shardrec.output import write_atomic
 from shardrec.platform import checkpoint
 
 
@@ -56,7 +57,5 @@ def prepare(job: JobConfig, *, resume: bool, resume_path: str | None) -> RunPath
     run_dir.mkdir(parents=True, exist_ok=True)
     # A resumed run keeps the first config.yaml; each resume's resolved job is kept beside it.
     config = run_dir / ("config.yaml" if ckpt is None else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-    tmp = config.with_suffix(".yaml.tmp")
-    tmp.write_text(dump_job(job))
-    tmp.replace(config)
+    write_atomic(config, dump_job(job))
     return RunPaths(run_dir=run_dir, config=config, resume=ckpt)

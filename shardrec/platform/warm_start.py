@@ -19,14 +19,11 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
 from shardrec.errors import ConfigError
-from shardrec.platform.checkpoint import WarmStartConfig, read_meta, resolve_resume
-
-_MARKERS = (".embedding_bags.", ".embeddings.")
-
+from shardrec.platform.checkpoint import TABLE_MARKERS, WarmStartConfig, read_meta, resolve_resume, table_of_key
 
 def _rename(key: str, tables: dict[str, str]) -> str:
     """``key`` with its table name (after an embedding marker, and in fused state names) mapped."""
-    for marker in _MARKERS:
+    for marker in TABLE_MARKERS:
         if marker in key:
             head, tail = key.split(marker, 1)
             name, _, rest = tail.partition(".")
@@ -65,7 +62,7 @@ def warm_start(cfg: WarmStartConfig, *, model: nn.Module, optimizer: Optimizer, 
 
 
 def _check_renames(cfg: WarmStartConfig, saved: dict[str, Any]) -> None:
-    names = {k.split(m, 1)[1].split(".")[0] for k in saved for m in _MARKERS if m in k}
+    names = {name for k in saved if (name := table_of_key(k)) is not None}
     missing = sorted(old for old in cfg.tables.values() if old not in names)
     if missing:
         raise ConfigError(

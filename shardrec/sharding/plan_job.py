@@ -25,6 +25,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from shardrec.config import build, convert, load_yaml
 from shardrec.errors import ConfigError
+from shardrec.output import write_atomic
 from shardrec.platform.optim import SparseOptimizerConfig, fuse_sparse_optimizer
 from shardrec.sharding.config import ComputeKernelName, ShardingConfig, ShardingTypeName, TableConstraint
 from shardrec.sharding.objectives import Objective, Outcome, plan_for_objective
@@ -184,9 +185,7 @@ def write_plan_file(outcome: Outcome, topology: TopologySpec, tables: dict[str, 
         "tables": plan_rows(outcome.result.plan, tables),
         "report": report_dict(outcome.report),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def comparison(named: list[tuple[str, dict[str, Any]]]) -> str:

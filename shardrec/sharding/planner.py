@@ -26,6 +26,7 @@ from torchrec.distributed.planner.storage_reservations import HeuristicalStorage
 from torchrec.distributed.types import CacheParams, ModuleSharder, ParameterSharding, ShardingPlan
 
 from shardrec.errors import PlanError
+from shardrec.output import text_table, write_atomic
 from shardrec.sharding.config import ShardingConfig
 from shardrec.sharding.sharders import default_sharders
 from shardrec.sharding.topology import GiB, TopologyConfig
@@ -255,16 +256,9 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*line) for line in lines]
-    return "\n".join(out)
+    return text_table(header, lines)
 
 
 def save_plan(rows: list[dict[str, Any]], topology: TopologySpec, path: Path) -> None:
     """Writes the plan as JSON, atomically."""
-    data = {"topology": topology.__dict__, "tables": rows}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps({"topology": topology.__dict__, "tables": rows}, indent=2) + "\n")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from torchrec.distributed.planner.types import ShardingOption
 
+from shardrec.output import text_table
 from shardrec.sharding.planner import TopologySpec
 
 GiB = 1024**3
@@ -117,12 +116,6 @@ def build_report(options: list[ShardingOption], topology: TopologySpec) -> PlanR
     return PlanReport(topology=topology, tables=tables, devices=devices)
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
-
-
 def _gib(n: float) -> str:
     return f"{n / GiB:.3f}"
 
@@ -145,9 +138,9 @@ def format_report(report: PlanReport, *, max_tables: int = 60) -> str:
     s = report.summary()
     more = f"\n  ({len(report.tables) - max_tables} smaller tables not shown)" if len(report.tables) > max_tables else ""
     return (
-        f"tables (largest first, sizes in GiB):\n{_table(('table', 'rows x dim', 'sharding', 'kernel', 'ranks', 'shards', 'hbm', 'ddr'), table_rows)}{more}\n\n"
+        f"tables (largest first, sizes in GiB):\n{text_table(('table', 'rows x dim', 'sharding', 'kernel', 'ranks', 'shards', 'hbm', 'ddr'), table_rows)}{more}\n\n"
         f"devices ({s['topology']}, memory in GiB):\n"
-        f"{_table(('rank', 'memory used / capacity', 'used', 'compute ms', 'comms ms', 'step ms', ''), device_rows)}\n\n"
+        f"{text_table(('rank', 'memory used / capacity', 'used', 'compute ms', 'comms ms', 'step ms', ''), device_rows)}\n\n"
         f"estimated embedding step: {s['est_step_ms']:.3f} ms on rank {s['critical_rank']}; "
         f"fullest device {s['max_memory_gib']:.3f} GiB = {s['max_over_mean_memory']:.2f} x mean"
     )
@@ -174,10 +167,3 @@ def report_dict(report: PlanReport) -> dict[str, Any]:
         "tables": [asdict(t) for t in report.tables],
         "devices": [{**asdict(d), "step_ms": d.step_ms} for d in report.devices],
     }
-
-
-def save_report(report: PlanReport, path: Path) -> None:
-    """Writes :func:`report_dict` as JSON, atomically."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report_dict(report), indent=2) + "\n")
-    tmp.replace(path)

@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 import yaml
 
 # The Criteo converter's bisection finds the first value arrow cannot cast, the same way here.
-from shardrec.data.criteo import _first_unparsable
+from shardrec.data.criteo import first_unparsable
 from shardrec.data.schema import DenseFeature, FeatureSchema, SparseFeature, TableConfig
 from shardrec.errors import ConfigError, DataError
+from shardrec.output import write_atomic
 
 SCHEMA_FILE = "schema.yaml"
 MIN_HASH_ROWS = 16
@@ -264,7 +265,7 @@ def parse_numbers(col: pa.Array, *, path: Path, column: str, line0: int, integer
     try:
         return pc.cast(trimmed, typ)
     except pa.ArrowInvalid:
-        row = _first_unparsable(trimmed, typ)
+        row = first_unparsable(trimmed, typ)
         raise DataError(f"{path}, line {line0 + row}, column '{column}': '{col[row].as_py()}' is not {kind}; fix or drop the line") from None
 
 
@@ -493,9 +494,7 @@ def write_schema_yaml(
         + yaml.safe_dump({"features": features}, sort_keys=False, default_flow_style=None, width=120)
         + yaml.safe_dump({"data": data}, sort_keys=False, default_flow_style=False)
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def _non_default(obj: Any) -> dict[str, Any]:
