@@ -25,6 +25,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from shardrec.errors import CheckpointError, ConfigError
+from shardrec.platform import relayout
+from shardrec.platform.saved import SavedCheckpoint
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 META_FILE = "meta.json"
@@ -108,24 +110,34 @@ def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = Tru
     DCP reshards on load, so the checkpoint may come from another world size or plan. Every model
     tensor must be in the checkpoint with the same global shape, or this raises a CheckpointError
     naming what differs. Optimizer state that the checkpoint holds in another layout (a table that
-    was data-parallel and is fused now, or whose per-shard state has another shape) cannot follow
-    the table: it starts from zero, with a warning naming the tables (``warn`` on rank 0).
+    was column-wise and is table-wise now, or data-parallel and fused now) is converted
+    (shardrec/platform/relayout.py); what cannot be converted starts from zero, with a warning
+    naming the tables (``warn`` on rank 0).
     """
     meta = read_meta(path)
+    saved = SavedCheckpoint(path)
+    saved.check_files()
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     flat, mapping = flatten_state_dict(state)
-    _check_model(path, flat, saved)
-    fresh = [k for k, v in flat.items() if k.startswith("optim.state.") and _mismatch(v, saved.get(k)) is not None]
+    _check_model(path, flat, saved.entries)
+    other = [k for k, v in flat.items() if k.startswith("optim.state.") and _mismatch(v, saved.entries.get(k)) is not None]
     try:
-        dcp.load(_without(state, [mapping[k] for k in fresh]), checkpoint_id=str(path))
+        dcp.load(_without(state, [mapping[k] for k in other]), checkpoint_id=str(path))
+        failed = relayout.convert(saved, flat, other, step=int(meta["step"]))
+    except CheckpointError:
+        raise
     except Exception as e:  # DCP reports damaged files as assorted exceptions
         raise CheckpointError(f"checkpoint '{path}' could not be read: {e}") from e
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
-    if fresh and warn:
-        print(f"warning: optimizer state starts from zero for {sorted({_param_of(k) for k in fresh})}: checkpoint "
-              f"'{path}' holds it in another layout", flush=True)
+    if warn:
+        converted = sorted({_param_of(k) for k in other if k not in failed and not k.endswith(".step")})
+        if converted:
+            print(f"note: optimizer state of {converted} converted from the layout of checkpoint '{path}' "
+                  "(docs/checkpointing.md, 'Optimizer state across layouts')", flush=True)
+        if failed:
+            print(f"warning: optimizer state starts from zero for {sorted({_param_of(k) for k in failed})}: checkpoint "
+                  f"'{path}' holds it in a form that cannot be converted", flush=True)
     return meta
 
 
@@ -163,8 +175,12 @@ def _without(state: dict[str, Any], paths: list[tuple[Any, ...]]) -> dict[str, A
             out[key] = value
         elif any(len(r) == 0 for r in rest):
             continue
+        elif isinstance(value, dict):
+            kept = _without(value, rest)
+            if kept:  # DCP would look an emptied dict up as a key of its own
+                out[key] = kept
         else:
-            out[key] = _without(value, rest) if isinstance(value, dict) else value
+            out[key] = value
     return out
 
 
