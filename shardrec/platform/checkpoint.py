@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -130,14 +131,18 @@ def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = Tru
         raise CheckpointError(f"checkpoint '{path}' could not be read: {e}") from e
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
-    if warn:
-        converted = sorted({_param_of(k) for k in other if k not in failed and not k.endswith(".step")})
-        if converted:
-            print(f"note: optimizer state of {converted} converted from the layout of checkpoint '{path}' "
-                  "(docs/checkpointing.md, 'Optimizer state across layouts')", flush=True)
-        if failed:
-            print(f"warning: optimizer state starts from zero for {sorted({_param_of(k) for k in failed})}: checkpoint "
-                  f"'{path}' holds it in a form that cannot be converted", flush=True)
+    converted = {_param_of(k) for k in other if k not in failed and not k.endswith(".step")}
+    zeroed = {_param_of(k) for k in failed}
+    if dist.is_initialized() and dist.get_world_size() > 1:  # a rank without shards of a table has no state for it
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (converted, zeroed))
+        converted, zeroed = set().union(*(c for c, _ in everyone)), set().union(*(z for _, z in everyone))
+    if warn and converted:
+        print(f"note: optimizer state of {sorted(converted)} converted from the layout of checkpoint '{path}' "
+              "(docs/checkpointing.md, 'Optimizer state across layouts')", flush=True)
+    if warn and zeroed:
+        print(f"warning: optimizer state starts from zero for {sorted(zeroed)}: checkpoint "
+              f"'{path}' holds it in a form that cannot be converted", flush=True)
     return meta
 
 

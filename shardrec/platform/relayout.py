@@ -35,7 +35,7 @@ Blocks = list[tuple[int, int]]
 
 
 @dataclass
-class _Source:
+class Source:
     """A table's optimizer state in the checkpoint: row-wise (per column block) or element-wise."""
 
     key: str
@@ -64,7 +64,7 @@ def convert(saved: SavedCheckpoint, flat: dict[str, Any], keys: list[str], *, st
     failed = []
     for key in keys:
         value = flat[key]
-        source = _source(saved, key)
+        source = source_of(saved, param_of(key))
         if key.endswith(".step"):
             _fill(value, lambda box: torch.full([b - a for a, b in box], float(step)))
         elif source is None or not isinstance(value, (torch.Tensor, ShardedTensor)):
@@ -72,16 +72,15 @@ def convert(saved: SavedCheckpoint, flat: dict[str, Any], keys: list[str], *, st
         elif source.elementwise and _numel(value) == _numel_of(saved, source.key):
             _fill(value, lambda box, k=source.key: saved.read(k, box).reshape([b - a for a, b in box]))
         elif not source.elementwise and _is_rowwise(value, source.rows):
-            blocks = _target_blocks(flat[param_of(key)])
-            _fill(value, lambda box, s=source, t=blocks: _merged(saved, s, t, box))
+            blocks = target_blocks(flat[param_of(key)])
+            _fill(value, lambda box, s=source, t=blocks: merged(saved, s, t, box))
         else:
             failed.append(key)
     return failed
 
 
-def _source(saved: SavedCheckpoint, key: str) -> _Source | None:
-    """The checkpoint's optimizer state of the table ``key`` belongs to, if it has one."""
-    weight = param_of(key)
+def source_of(saved: SavedCheckpoint, weight: str) -> Source | None:
+    """The checkpoint's optimizer state of the table whose weight has model key ``weight``, if any."""
     weight_md = saved.tensors.get(weight)
     if weight_md is None or len(weight_md.size) != 2:
         return None
@@ -93,15 +92,15 @@ def _source(saved: SavedCheckpoint, key: str) -> _Source | None:
             continue
         size = tuple(md.size)
         if size == (rows, dim):
-            return _Source(k, [(0, dim)], rows, elementwise=True)
+            return Source(k, [(0, dim)], rows, elementwise=True)
         if size == (rows, 1):
-            return _Source(k, [(0, dim)], rows, elementwise=False)
+            return Source(k, [(0, dim)], rows, elementwise=False)
         if size == (rows * len(blocks),):
-            return _Source(k, blocks if len(blocks) > 1 else [(0, dim)], rows, elementwise=False)
+            return Source(k, blocks if len(blocks) > 1 else [(0, dim)], rows, elementwise=False)
     return None
 
 
-def _target_blocks(weight: Any) -> Blocks:
+def target_blocks(weight: Any) -> Blocks:
     """Column blocks of the target table: its shards' column ranges (one block if not sharded by column)."""
     if isinstance(weight, ShardedTensor):
         found = sorted({(m.shard_offsets[1], m.shard_offsets[1] + m.shard_sizes[1]) for m in weight.metadata().shards_metadata})
@@ -114,7 +113,7 @@ def _is_rowwise(value: Any, rows: int) -> bool:
     return len(size) == 1 and size[0] % rows == 0 or size == (rows, 1)
 
 
-def _merged(saved: SavedCheckpoint, source: _Source, target: Blocks, box: Box) -> torch.Tensor:
+def merged(saved: SavedCheckpoint, source: Source, target: Blocks, box: Box) -> torch.Tensor:
     """Target row-wise state for ``box``: flat positions over (block, row), or ``[rows, 1]``."""
     if len(box) == 2:  # data-parallel "sum" [rows, 1]: one block over all columns
         (r0, r1), _ = box
@@ -130,7 +129,7 @@ def _merged(saved: SavedCheckpoint, source: _Source, target: Blocks, box: Box) -
     return torch.cat(parts)
 
 
-def _block_value(saved: SavedCheckpoint, source: _Source, a: int, b: int, r0: int, r1: int) -> torch.Tensor:
+def _block_value(saved: SavedCheckpoint, source: Source, a: int, b: int, r0: int, r1: int) -> torch.Tensor:
     """Width-weighted mean over columns [a, b) of the source blocks' accumulators, rows [r0, r1)."""
     total = torch.zeros(r1 - r0, dtype=torch.float64)
     for i, (c0, c1) in enumerate(source.blocks):

@@ -114,6 +114,13 @@ class SavedCheckpoint:
                 out[target] = self._read_chunk(key, chunk, local)
         return out
 
+    def read_bytes(self, key: str) -> bytes:
+        """The stored bytes of non-tensor entry ``key``."""
+        info = self._storage[MetadataIndex(key)]
+        with open(self.path / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            return f.read(info.length)
+
     def _read_chunk(self, key: str, chunk: ChunkStorageMetadata, box: Box) -> torch.Tensor:
         """Rows ``box[0]`` of one chunk read from disk, then narrowed to the rest of ``box``."""
         stored = self._locate(key, chunk)
@@ -140,7 +147,7 @@ class SavedCheckpoint:
             if info.transform_descriptors:
                 raise CheckpointError(f"checkpoint '{self.path}': tensor '{key}' is stored with transforms "
                                       f"{info.transform_descriptors}, which shardrec's offline tools do not read")
-            self._stored[cache_key] = _find_data(self.path / info.relative_path, info.offset, info.length, key=key)
+            self._stored[cache_key] = find_data(self.path / info.relative_path, info.offset, info.length, key=key)
         return self._stored[cache_key]
 
     def _load_whole(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
@@ -159,7 +166,7 @@ def _intersect(box: Box, chunk: ChunkStorageMetadata) -> Box | None:
     return tuple(out)
 
 
-def _find_data(file: Path, start: int, length: int, *, key: str) -> _Stored:
+def find_data(file: Path, start: int, length: int, *, key: str) -> _Stored:
     """Reads the zip directory and the tensor header of one ``torch.save`` record, not its data."""
     with open(file, "rb") as f:
         view = _FileView(f, start, length)
