@@ -25,12 +25,15 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch import nn
 from torch.optim import Optimizer
 
+from shardrec import __version__
 from shardrec.errors import CheckpointError, ConfigError
 from shardrec.platform import relayout
 from shardrec.platform.saved import SavedCheckpoint
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 META_FILE = "meta.json"
+FORMAT = 1
+"""Version of the checkpoint layout (meta.json, rank files, key names) this shardrec writes and reads."""
 
 
 @dataclass(kw_only=True)
@@ -102,7 +105,19 @@ def read_meta(path: Path) -> dict[str, Any]:
             f"'{path}' is not a complete checkpoint (no {META_FILE} or .metadata); it may be a save that was "
             "interrupted: resume from an earlier checkpoints/step-N folder"
         )
-    return json.loads(meta.read_text())
+    data = json.loads(meta.read_text())
+    written = int(data.get("format", 1))  # checkpoints from before the field existed are format 1
+    if written != FORMAT:
+        raise CheckpointError(
+            f"checkpoint '{path}' has format {written} (written by shardrec {data.get('shardrec_version', '?')}), this "
+            f"shardrec {__version__} reads format {FORMAT}: use the shardrec version that wrote it"
+        )
+    return data
+
+
+def rank_file(path: Path, rank: int) -> Path:
+    """The per-rank part of a checkpoint: RNG states of rank ``rank``."""
+    return path / f"rank-{rank:05d}.pt"
 
 
 def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = True) -> dict[str, Any]:

@@ -59,6 +59,19 @@ def _sparse_class_and_kwargs(cfg: SparseOptimizerConfig) -> tuple[type[torch.opt
     return torch.optim.SGD, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
 
 
+CPU_FUSED = ("rowwise_adagrad", "adagrad", "sgd")
+"""Sparse optimizers FBGEMM's CPU embedding kernels implement (adam is fused on CUDA only)."""
+
+
+def check_sparse_optimizer(cfg: SparseOptimizerConfig, *, device_type: str) -> None:
+    """Raises a ConfigError when the fused kernels of ``device_type`` lack ``cfg.name``."""
+    if device_type == "cpu" and cfg.name not in CPU_FUSED:
+        raise ConfigError(
+            f"train.sparse_optimizer.name '{cfg.name}' has no fused CPU kernel in FBGEMM; on cpu choose one of "
+            f"{', '.join(CPU_FUSED)}, or compute on cuda (sharding.compute_device)"
+        )
+
+
 def fuse_sparse_optimizer(model: nn.Module, cfg: SparseOptimizerConfig) -> None:
     """Marks every embedding table's weight so sharding fuses ``cfg``'s optimizer into its kernel.
 

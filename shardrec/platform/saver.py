@@ -25,7 +25,8 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.optim import Optimizer
 
-from shardrec.platform.checkpoint import META_FILE, committed, step_dir
+from shardrec import __version__
+from shardrec.platform.checkpoint import FORMAT, META_FILE, committed, rank_file, step_dir
 
 
 @dataclass
@@ -46,8 +47,13 @@ class Saver:
         self._group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardrec-save") if asynchronous else None
 
-    def save(self, *, step: int, model: nn.Module, optimizer: Optimizer, meta: dict[str, Any], attach: dict[str, str]) -> Path:
-        """Starts (or, synchronously, completes) the checkpoint of ``step``; collective over all ranks."""
+    def save(
+        self, *, step: int, model: nn.Module, optimizer: Optimizer, meta: dict[str, Any], attach: dict[str, str],
+        rank_state: dict[str, Any] | None = None,
+    ) -> Path:
+        """Starts (or, synchronously, completes) the checkpoint of ``step``; collective over all ranks.
+
+        ``rank_state`` (small: RNG states) is written by each rank to its own file right away."""
         self.wait()
         final = step_dir(self.root, step)
         tmp = final.with_name(final.name + ".tmp")
@@ -55,6 +61,8 @@ class Saver:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
+        if rank_state is not None:
+            torch.save(rank_state, rank_file(tmp, dist.get_rank() if dist.is_initialized() else 0))
         state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
         future = None
         if self.asynchronous:
@@ -62,7 +70,8 @@ class Saver:
             future = self._pool.submit(dcp.save, staged, checkpoint_id=str(tmp), process_group=self._group)
         else:
             dcp.save(state, checkpoint_id=str(tmp))
-        self._pending = _Pending(future, tmp, final, {"step": step, **meta}, attach)
+        header = {"format": FORMAT, "shardrec_version": __version__, "step": step}
+        self._pending = _Pending(future, tmp, final, {**header, **meta}, attach)
         if not self.asynchronous:
             self.wait()
         return final

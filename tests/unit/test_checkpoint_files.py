@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from shardrec.config import build
 from shardrec.errors import CheckpointError, ConfigError
@@ -188,3 +189,24 @@ def test_checkpoint_config_errors_name_the_key(data: dict[str, object], expected
 def test_checkpoint_config_accepts_valid_values() -> None:
     cfg = build(CheckpointConfig, {"enabled": False, "interval": 50, "keep_last_n": 1}, key="checkpoint")
     assert (cfg.enabled, cfg.interval, cfg.keep_last_n) == (False, 50, 1)
+
+
+def test_read_meta_refuses_another_format_and_names_the_version(tmp_path: Path) -> None:
+    path = _commit(tmp_path, 5, format=2, shardrec_version="9.0.0")
+    with pytest.raises(CheckpointError, match=r"format 2 \(written by shardrec 9\.0\.0\).*reads format 1"):
+        read_meta(path)
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from shardrec.platform.rng import rng_states, set_rng_states
+
+    torch.manual_seed(3)
+    torch.save(rng_states(), tmp_path / "rng.pt")
+    first = (torch.rand(3), random.random(), float(np.random.rand()))
+    set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), random.random(), float(np.random.rand()))
+    assert torch.equal(again[0], first[0]) and again[1:] == first[1:]
