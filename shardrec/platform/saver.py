@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,9 @@ class Saver:
         self.root, self.is_main, self.keep_last_n, self.asynchronous = root, is_main, keep_last_n, asynchronous
         self._pending: _Pending | None = None
         self._group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardrec-save") if asynchronous else None
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="shardrec-save", initializer=_lower_priority
+        ) if asynchronous else None
 
     def save(
         self, *, step: int, model: nn.Module, optimizer: Optimizer, meta: dict[str, Any], attach: dict[str, str],
@@ -115,6 +119,17 @@ def stage(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     return copy.deepcopy(value)
+
+
+def _lower_priority() -> None:
+    """Runs the background writer at the lowest CPU priority: on a busy host its copies into the
+    page cache otherwise take CPU from the training ranks, which wait on each other at every
+    collective (docs/benchmarks.md, "Checkpoints")."""
+    if hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: per-thread nice
+        except OSError:
+            pass
 
 
 def _barrier() -> None:
