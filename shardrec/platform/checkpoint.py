@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch import nn
 from torch.optim import Optimizer
@@ -123,7 +124,9 @@ def rank_file(path: Path, rank: int) -> Path:
 def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = True) -> dict[str, Any]:
     """Loads ``path`` into ``model`` and ``optimizer`` in place and returns its meta (step ...).
 
-    DCP reshards on load, so the checkpoint may come from another world size or plan. Every model
+    Each rank reads the rows of its own shards straight from the DCP files into the model's memory
+    (platform/saved.py: one pass, no collectives), so the checkpoint may come from another world
+    size or plan. Every model
     tensor must be in the checkpoint with the same global shape, or this raises a CheckpointError
     naming what differs. Optimizer state that the checkpoint holds in another layout (a table that
     was column-wise and is table-wise now, or data-parallel and fused now) is converted
@@ -138,7 +141,9 @@ def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = Tru
     _check_model(path, flat, saved.entries)
     other = [k for k, v in flat.items() if k.startswith("optim.state.") and _mismatch(v, saved.entries.get(k)) is not None]
     try:
-        dcp.load(_without(state, [mapping[k] for k in other]), checkpoint_id=str(path))
+        rest = [k for k in flat if k not in other and not _read_in_place(saved, k, flat[k])]
+        if rest:  # entries that are not tensors: DCP's own reader
+            dcp.load(_without(state, [mapping[k] for k in flat if k not in rest]), checkpoint_id=str(path))
         failed = relayout.convert(saved, flat, other, step=int(meta["step"]))
     except CheckpointError:
         raise
@@ -159,6 +164,20 @@ def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = Tru
         print(f"warning: optimizer state starts from zero for {sorted(zeroed)}: checkpoint "
               f"'{path}' holds it in a form that cannot be converted", flush=True)
     return meta
+
+
+def _read_in_place(saved: SavedCheckpoint, key: str, value: Any) -> bool:
+    """Reads tensor ``key`` into ``value``'s local memory (every local shard of a ShardedTensor)
+    straight from the files: one pass, no collectives. False if ``value`` is not a tensor."""
+    if isinstance(value, ShardedTensor):
+        for shard in value.local_shards():
+            m = shard.metadata
+            saved.read_into(key, tuple((o, o + n) for o, n in zip(m.shard_offsets, m.shard_sizes)), shard.tensor)
+        return True
+    if isinstance(value, torch.Tensor):
+        saved.read_into(key, tuple((0, n) for n in value.shape), value)
+        return True
+    return False
 
 
 def _mismatch(value: Any, saved: Any) -> str | None:

@@ -114,6 +114,38 @@ class SavedCheckpoint:
                 out[target] = self._read_chunk(key, chunk, local)
         return out
 
+    def read_into(self, key: str, box: Box, dest: torch.Tensor) -> None:
+        """Reads the part ``box`` of tensor ``key`` into ``dest`` (shaped like ``box``), straight from
+        the file into ``dest``'s memory wherever a chunk's rows land contiguously there."""
+        md = self.tensors.get(key)
+        if md is None:
+            raise CheckpointError(f"checkpoint '{self.path}' has no tensor '{key}'")
+        if not box:
+            dest.copy_(self.read(key))
+            return
+        for chunk in md.chunks:
+            part = _intersect(box, chunk)
+            if part is None:
+                continue
+            local = tuple((a - o, b - o) for (a, b), o in zip(part, chunk.offsets))
+            region = dest[tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(part, box))]
+            whole_rows = all(lo == 0 and hi == n for (lo, hi), n in zip(local[1:], chunk.sizes[1:]))
+            if whole_rows and region.is_contiguous() and region.dtype == md.properties.dtype:
+                self._read_rows_into(key, chunk, local[0], region)
+            else:
+                region.copy_(self._read_chunk(key, chunk, local))
+
+    def _read_rows_into(self, key: str, chunk: ChunkStorageMetadata, rows: tuple[int, int], dest: torch.Tensor) -> None:
+        stored = self._locate(key, chunk)
+        row_bytes = dest[0].numel() * dest.element_size() if dest.numel() else 0
+        buf = dest.view(torch.uint8).reshape(-1).numpy() if dest.dim() else None
+        if buf is None or not buf.nbytes:
+            return
+        with open(stored.file, "rb") as f:
+            f.seek(stored.data_offset + rows[0] * row_bytes)
+            if f.readinto(buf) != buf.nbytes:
+                raise CheckpointError(f"checkpoint '{self.path}': '{stored.file.name}' ends inside tensor '{key}'")
+
     def read_bytes(self, key: str) -> bytes:
         """The stored bytes of non-tensor entry ``key``."""
         info = self._storage[MetadataIndex(key)]
