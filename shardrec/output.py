@@ -1,9 +1,11 @@
-"""Small output helpers shared by the commands: atomic file writes and fixed-width text tables."""
+"""Small output helpers shared by the commands: atomic file and folder writes, fixed-width text tables."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,21 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to write into: renamed to ``out`` when the block ends
+    normally, removed when it raises, so ``out`` never exists half-written."""
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -11,7 +11,6 @@ checkpoint appears under its final name only once complete.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from shardrec.errors import CheckpointError
+from shardrec.output import atomic_folder
 from shardrec.platform import relayout
 from shardrec.platform.checkpoint import META_FILE, read_meta, resolve_resume, table_of_key
 from shardrec.platform.saved import Box, SavedCheckpoint, find_data
@@ -121,10 +121,7 @@ def reshard_checkpoint(path: Path, *, plan: Path, out: Path, block_bytes: int = 
     saved.check_files()
     data = read_plan_file(plan)
     records = _match_tables(saved, data, plan=plan)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         writer = _Writer(tmp, block_bytes=block_bytes)
         done = _write_tables(saved, writer, records, step=int(meta["step"]))
         planner_data = dict(saved_planner_data(path))
@@ -138,10 +135,6 @@ def reshard_checkpoint(path: Path, *, plan: Path, out: Path, block_bytes: int = 
                 writer.raw(key, md, saved.read_bytes(key), path=planner_data.get(key, (key,)))
         writer.close()
         _attach(path, tmp, meta=meta, plan=plan, world_size=int(data["topology"]["world_size"]))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"checkpoint": str(out), "from": str(path), "plan": str(plan), "tables": len(records)}
 
 

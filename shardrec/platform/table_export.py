@@ -11,15 +11,14 @@ never held whole. The folder appears under its final name only once complete.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shardrec.errors import CheckpointError
+from shardrec.output import atomic_folder
 from shardrec.platform.checkpoint import read_meta, resolve_resume, table_of_key
 from shardrec.platform.saved import SavedCheckpoint, find_data
 
@@ -37,10 +36,7 @@ def export_checkpoint(path: Path, out: Path, *, block_bytes: int = BLOCK_BYTES) 
     saved = SavedCheckpoint(path)
     saved.check_files()
     tables = _table_keys(saved)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         manifest = {"checkpoint": str(path), "step": meta.get("step"), "model": meta.get("model"), "tables": {}}
         for name, key in tables.items():
             rows, dim = saved.tensors[key].size
@@ -52,10 +48,6 @@ def export_checkpoint(path: Path, out: Path, *, block_bytes: int = BLOCK_BYTES) 
         torch.save(dense, tmp / "dense.pt")
         manifest["dense"] = {"file": "dense.pt", "tensors": sorted(dense)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
