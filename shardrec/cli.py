@@ -109,13 +109,120 @@ def inspect(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def reshard(args: argparse.Namespace, _: list[str]) -> int:
+    """``shardrec checkpoint reshard PATH --plan NEW.json --out NEW_PATH``."""
+    from shardrec.platform.reshard import reshard_checkpoint
+
+    done = reshard_checkpoint(Path(args.path), plan=args.plan, out=args.out)
+    print(f"wrote {done['checkpoint']}: {done['tables']} tables laid out as {done['plan']}")
+    return 0
+
+
+def export_tables(args: argparse.Namespace, _: list[str]) -> int:
+    """``shardrec checkpoint export PATH --out DIR``."""
+    from shardrec.platform.table_export import export_checkpoint
+
+    manifest = export_checkpoint(Path(args.path), args.out)
+    print(f"wrote {args.out}: {len(manifest['tables'])} tables, {len(manifest['dense']['tensors'])} dense tensors, "
+          f"step {manifest['step']}")
+    return 0
+
+
+def submit(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``shardrec submit [CONFIG] --scheduler S [-j NxM] [--gpu N ...] [--cfg KEY=VALUE ...] [--dryrun]``."""
+    from shardrec.launch import cluster
+
+    launch = cluster.LaunchConfig(
+        scheduler=args.scheduler, j=args.j, cpu=args.cpu, gpu=args.gpu, mem_mb=args.mem_mb, image=args.image,
+        env=cluster.parse_env(args.env), mounts=args.mount, max_restarts=args.max_restarts, rdzv_port=args.rdzv_port,
+        scheduler_args=args.cfg,
+    )
+    sub = cluster.prepare(args.config, overrides, launch, dryrun=args.dryrun)
+    if args.dryrun:
+        print(cluster.dryrun_text(sub), end="")
+        return 0
+    print(f"run folder: {sub.run_dir}", flush=True)
+    handle = cluster.submit(sub)
+    print(f"app handle: {handle}", flush=True)
+    if not (args.wait or cluster.SCHEDULERS[launch.scheduler].in_process):
+        return 0
+    final = cluster.follow(handle, nodes=launch.nodes)
+    print(cluster.format_status(handle, final))
+    return _report(sub.run_dir, 0 if cluster.succeeded(final) else 1)
+
+
+def job_status(args: argparse.Namespace, _: list[str]) -> int:
+    """``shardrec status HANDLE``."""
+    from shardrec.launch import cluster
+
+    print(cluster.format_status(args.handle, cluster.status(args.handle)))
+    return 0
+
+
+def job_logs(args: argparse.Namespace, _: list[str]) -> int:
+    """``shardrec logs HANDLE [--node K] [--follow]``."""
+    from shardrec.launch import cluster
+
+    nodes = [args.node] if args.node is not None else range(cluster.replicas(args.handle))
+    for k in nodes:
+        for line in cluster.logs(args.handle, replica=k, tail=args.follow):
+            print(line, end="")
+    return 0
+
+
+def job_cancel(args: argparse.Namespace, _: list[str]) -> int:
+    """``shardrec cancel HANDLE``."""
+    from shardrec.launch import cluster
+
+    cluster.cancel(args.handle)
+    print(f"{args.handle}: cancel requested")
+    return 0
+
+
+def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
+    """``shardrec submit|status|logs|cancel`` (torchx; docs/launch.md)."""
+    s = sub.add_parser("submit", help="run a job through torchx on local_cwd, local_docker, slurm or kubernetes")
+    s.add_argument("config", nargs="?", type=Path, help="YAML job file (no CONFIG: the embedded default job)")
+    s.add_argument("--scheduler", "-s", default="local_cwd", help="local_cwd (default), local_docker, slurm or kubernetes")
+    s.add_argument("-j", default="1x2", metavar="NODESxPROCS", help="nodes x ranks per node; default 1x2")
+    s.add_argument("--gpu", type=int, default=0, help="GPUs per node (one per rank)")
+    s.add_argument("--cpu", type=int, help="CPUs per node (schedulers that reserve them)")
+    s.add_argument("--mem-mb", type=int, help="memory per node in MB (schedulers that reserve it)")
+    s.add_argument("--image", help="container image with shardrec installed (local_docker, kubernetes)")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of every rank (repeatable)")
+    s.add_argument("--mount", action="append", default=[], metavar="SPEC", help="type=bind,src=HOST,dst=PATH[,readonly] or type=volume,src=NAME,dst=PATH (repeatable)")
+    s.add_argument("--max-restarts", type=int, default=0, help="restarts after a rank fails, each from the latest checkpoint; default 0")
+    s.add_argument("--rdzv-port", type=int, default=29500, help="rendezvous port on the first node (multi-node); default 29500")
+    s.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE", help="scheduler option, as torchx's -cfg (repeatable), e.g. queue=default")
+    s.add_argument("--dryrun", action="store_true", help="print the AppDef and the scheduler's request (sbatch script, manifest); submit nothing")
+    s.add_argument("--wait", action="store_true", help="follow the logs until the job ends (always so on local_cwd)")
+    s.set_defaults(func=submit)
+    for name, func, help_ in (("status", job_status, "state of a submitted job, with the root cause of a failure"),
+                              ("logs", job_logs, "log lines of a submitted job"), ("cancel", job_cancel, "stop a submitted job")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("handle", help="the app handle submit printed, e.g. slurm://shardrec/1234")
+        c.set_defaults(func=func)
+        if name == "logs":
+            c.add_argument("--node", type=int, help="only this node (replica); default every node")
+            c.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+
+
 def _checkpoint_parser(sub: argparse._SubParsersAction) -> None:
-    """``shardrec checkpoint inspect``."""
+    """``shardrec checkpoint inspect|reshard|export``."""
     c = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_command", required=True)
     i = c.add_parser("inspect", help="tables, shapes, sharding, bytes, step and job of a checkpoint (offline)")
     i.add_argument("path", help="a checkpoints/step-N folder, or a run folder (its latest checkpoint)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=inspect)
+    r = c.add_parser("reshard", help="rewrite a checkpoint for another plan (offline; optimizer state converted)")
+    r.add_argument("path", help="a checkpoints/step-N folder, or a run folder (its latest checkpoint)")
+    r.add_argument("--plan", type=Path, required=True, help="plan file of the new layout (shardrec plan --out)")
+    r.add_argument("--out", type=Path, required=True, help="folder of the new checkpoint (must not exist)")
+    r.set_defaults(func=reshard)
+    e = c.add_parser("export", help="one plain tensor file per table, streamed (offline)")
+    e.add_argument("path", help="a checkpoints/step-N folder, or a run folder (its latest checkpoint)")
+    e.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
+    e.set_defaults(func=export_tables)
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -181,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="shardrec", description="Train recommendation models with sharded embedding tables.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _plan_parser, _data_parser, _checkpoint_parser):
+    for add in (_train_parser, _plan_parser, _data_parser, _checkpoint_parser, _cluster_parsers):
         add(sub)
     return p
 

@@ -19,3 +19,11 @@ class PlanError(ShardrecError):
 
 class CheckpointError(ShardrecError):
     """A checkpoint is missing, partial or does not match the model."""
+
+
+class LaunchError(ShardrecError):
+    """A job cannot be submitted to a scheduler, or the scheduler does not know it."""
+
+
+class RankLostError(ShardrecError):
+    """Another rank stopped answering: a collective timed out or lost its peer."""

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import socket
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -55,3 +56,17 @@ def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: 
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world_size)]
+
+
+def worker_pid(run_dir: Path, *, rank: int) -> int:
+    """The process id of the running worker of ``rank`` that trains into ``run_dir`` (Linux: reads
+    /proc); for tests and benchmarks that kill a rank."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"shardrec.platform.worker" in cmdline and str(run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise LookupError(f"no worker of rank {rank} runs for {run_dir}")

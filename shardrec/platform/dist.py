@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from shardrec.errors import RankLostError
 
 
 @dataclass(frozen=True)
@@ -52,3 +57,30 @@ def shutdown() -> None:
     """Leaves the process group if one is joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# What gloo says when a peer went away or a collective outlived the process group's timeout (NCCL's
+# watchdog raises DistBackendError, a DistError, or ends the process itself).
+_PEER_LOST = re.compile(r"Timed out waiting|timeout caused pair closure|Connection (closed|reset) by peer|gloo/transport/tcp")
+
+
+@contextmanager
+def lost_ranks_as_errors(*, rank: int, timeout_s: float) -> Iterator[None]:
+    """Turns a collective that timed out or lost a peer into a RankLostError that says what happened.
+
+    A rank that crashed, ran out of data or hangs leaves the others waiting in a collective; the
+    process group's timeout (``train.timeout_s``) ends the wait and this names the likely causes.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or _PEER_LOST.search(str(e))):
+            raise
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", lines[-1])[:300]  # drop gloo's "[file.cc:78]" prefix
+        raise RankLostError(
+            f"rank {rank} stopped waiting for the other ranks in a collective ({detail}); the collective "
+            f"timeout is train.timeout_s={timeout_s:g}. Another rank crashed, ran out of data or hangs: its own "
+            "error comes first in the log (and in its torchelastic error file); if the ranks are only slow "
+            "(a long first batch, a slow file system), raise train.timeout_s"
+        ) from e

@@ -9,6 +9,7 @@ from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineBase, TrainPipelineSparseDist
 
 from shardrec.data.batch import Batch
+from shardrec.models.registry import training_loss
 
 
 class TrainModule(nn.Module):
@@ -19,8 +20,8 @@ class TrainModule(nn.Module):
         self.model = model
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        logits = self.model(batch.dense_features, batch.sparse_features)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        outputs = self.model(batch.dense_features, batch.sparse_features)
+        loss, logits = training_loss(self.model, outputs, batch.labels)
         return loss, (loss.detach(), logits.detach(), batch.labels)
 
 

@@ -50,6 +50,12 @@ def find_resume(job: JobConfig, resume: str | None) -> Path:
     )
 
 
+def ensure_config(job: JobConfig, run_dir: Path) -> None:
+    """Writes the resolved job into ``run_dir`` unless its launcher did (a job torchx started directly)."""
+    if not (run_dir / "config.yaml").exists():
+        write_atomic(run_dir / "config.yaml", dump_job(job))
+
+
 def prepare(job: JobConfig, *, resume: bool, resume_path: str | None) -> RunPaths:
     """Creates (or reopens, when resuming) the run folder and writes the resolved config into it."""
     ckpt = find_resume(job, resume_path) if resume else None

@@ -7,6 +7,7 @@ from typing import Literal
 
 from shardrec.errors import ConfigError
 from shardrec.platform.optim import DenseOptimizerConfig, SparseOptimizerConfig
+from shardrec.platform.schedule import LRScheduleConfig
 
 
 @dataclass(kw_only=True)
@@ -35,6 +36,8 @@ class TrainConfig:
     """Optimizer fused into the embedding tables."""
     dense_optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
     """Optimizer of everything else."""
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    """Warm-up and decay of both optimizers' learning rates."""
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):

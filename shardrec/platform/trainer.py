@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipeline
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from tqdm import tqdm
 
 from shardrec.data.batch import Batch
@@ -23,8 +24,10 @@ from shardrec.platform import checkpoint
 from shardrec.platform.dist import DistContext
 from shardrec.platform.init import init_dense, init_tables
 from shardrec.platform.metrics import MetricsLog, eval_metrics
-from shardrec.platform.optim import build_optimizer, fuse_sparse_optimizer, init_optimizer_state
+from shardrec.platform.optim import build_optimizer, check_sparse_optimizer, fuse_sparse_optimizer, init_optimizer_state
 from shardrec.platform.warm_start import warm_start
+from shardrec.platform.rng import rng_states, set_rng_states
+from shardrec.platform.schedule import LRSchedule
 from shardrec.platform.saver import Saver
 from shardrec.platform.pipeline import TrainModule, eval_model, make_pipeline, resume_training
 from shardrec.sharding.plan_file import load_plan
@@ -68,6 +71,8 @@ class Trainer:
         )
         self.step = 0
         self.current_reader: ParquetReader | None = None
+        self._per_epoch: int | None = None
+        self.schedule: LRSchedule | None = None
         cfg = job.checkpoint
         self.saver = Saver(run_dir / "checkpoints", is_main=ctx.is_main, keep_last_n=cfg.keep_last_n, asynchronous=cfg.async_save)
 
@@ -76,13 +81,17 @@ class Trainer:
         job, ctx = self.job, self.ctx
         module = TrainModule(registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta")))
         tables = model_tables(module)
+        check_sparse_optimizer(job.train.sparse_optimizer, device_type=ctx.device.type)
         fuse_sparse_optimizer(module, job.train.sparse_optimizer)
         spec = topology_spec(
             job.sharding, world_size=ctx.world_size, local_world_size=ctx.local_world_size, batch_size=job.data.batch_size
         )
         sharders = default_sharders()
         if job.sharding.plan is not None:
-            plan = load_plan(Path(job.sharding.plan), tables=tables, world_size=ctx.world_size, compute_device=spec.compute_device)
+            plan = load_plan(
+                Path(job.sharding.plan), tables=tables, world_size=ctx.world_size, compute_device=spec.compute_device,
+                local_world_size=ctx.local_world_size,
+            )
         else:
             plan = collective_plan_for_objective(
                 module, pg=torch.distributed.GroupMember.WORLD, cfg=job.sharding, tables=tables, topology=spec,
@@ -129,7 +138,13 @@ class Trainer:
         """Steps of the whole run, from ``train.steps`` or ``train.epochs``."""
         if self.job.train.steps is not None:
             return self.job.train.steps
-        return self.job.train.epochs * len(self.reader())  # type: ignore[operator]
+        return self.job.train.epochs * self.batches_per_epoch()  # type: ignore[operator]
+
+    def batches_per_epoch(self) -> int:
+        """Batches of one epoch on each rank."""
+        if self._per_epoch is None:
+            self._per_epoch = len(self.reader())
+        return self._per_epoch
 
     def batches(self, start_step: int) -> Iterator[Batch]:
         """Training batches from step ``start_step`` on, epoch after epoch, on the host: the
@@ -138,7 +153,7 @@ class Trainer:
         The reader's position follows from the step alone (epoch, batch within it), and its shuffle
         from (seed, epoch): a resumed run sees exactly the batches an uninterrupted one would.
         """
-        per_epoch = len(self.reader())
+        per_epoch = self.batches_per_epoch()
         epoch, offset = divmod(start_step, per_epoch)
         while True:
             self.current_reader = self.reader(start_batch=offset, epoch=epoch)
@@ -161,19 +176,42 @@ class Trainer:
         init_optimizer_state(self.optimizer)
         meta = checkpoint.load(path, model=self.model, optimizer=self.optimizer, warn=self.ctx.is_main)
         self.step = int(meta["step"])
+        self._restore_rank_state(path, meta)
+        # The times this node's torchrun restarted its ranks (0 on a node restarted for another
+        # node's failure); the record dates a recovery.
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.log.write("resume", step=self.step, checkpoint=str(path), restarts=restarts)
         if self.ctx.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _restore_rank_state(self, path: Path, meta: dict[str, Any]) -> None:
+        """RNG states when the world size is the checkpoint's; notes when the data position is recomputed."""
+        saved_world = int(meta.get("world_size", self.ctx.world_size))
+        own = checkpoint.rank_file(path, self.ctx.rank)
+        if saved_world == self.ctx.world_size and own.is_file():
+            set_rng_states(torch.load(own, weights_only=True)["rng"])
+        elif self.ctx.is_main:
+            print(f"note: random generators start afresh: checkpoint '{path}' has the states of {saved_world} ranks, "
+                  f"this launch has {self.ctx.world_size}", flush=True)
+        data = meta.get("data")
+        here = {"batch_size": self.job.data.batch_size, "world_size": self.ctx.world_size}
+        if data is not None and {k: data.get(k) for k in here} != here and self.ctx.is_main:
+            print(f"note: checkpoint '{path}' read the data with batch size {data.get('batch_size')} on "
+                  f"{data.get('world_size')} ranks; the position now follows from step {self.step} in batches of "
+                  f"{here['batch_size']} on {here['world_size']} ranks", flush=True)
 
     def fit(self) -> TrainResult:
         """Trains to the configured number of steps, evaluating and checkpointing on schedule."""
         total = self.total_steps()
         pipeline = make_pipeline(self.job.train.pipeline, model=self.model, optimizer=self.optimizer, device=self.ctx.device)
         data = itertools.islice(self.batches(self.step), total - self.step)
+        self.schedule = LRSchedule(self.job.train.lr_schedule, optimizer=self.optimizer, model=self.model, total_steps=total)
         progress = _Progress(self, total=total)
         last_ckpt: Path | None = None
         result_eval: dict[str, float] | None = None
         self.model.train()
         while self.step < total:
+            self.schedule.apply(self.step + 1)
             loss, _, labels = pipeline.progress(data)
             self.step += 1
             progress.update(loss, labels.shape[0] * self.ctx.world_size)
@@ -225,12 +263,17 @@ class Trainer:
         """Writes a checkpoint of the current step."""
         if not self.job.checkpoint.enabled:
             return None
+        per_epoch = self.batches_per_epoch()
+        data = {"epoch": self.step // per_epoch, "batch": self.step % per_epoch, "batches_per_epoch": per_epoch,
+                "batch_size": self.job.data.batch_size, "world_size": self.ctx.world_size}
         return self.saver.save(
             step=self.step,
             model=self.model,
             optimizer=self.optimizer,
-            meta={"model": self.job.model_name, "world_size": self.ctx.world_size},
+            meta={"model": self.job.model_name, "world_size": self.ctx.world_size, "epoch": data["epoch"], "data": data,
+                  **({"lr_schedule": self.schedule.state_dict()} if self.schedule is not None else {})},
             attach=self._attachments(),
+            rank_state={"rng": rng_states()},
         )
 
 
@@ -283,6 +326,9 @@ def model_tables(module: nn.Module) -> dict[str, tuple[int, int]]:
     for m in module.modules():
         if isinstance(m, EmbeddingBagCollection):
             for cfg in m.embedding_bag_configs():
+                out[cfg.name] = (cfg.num_embeddings, cfg.embedding_dim)
+        elif isinstance(m, EmbeddingCollection):
+            for cfg in m.embedding_configs():
                 out[cfg.name] = (cfg.num_embeddings, cfg.embedding_dim)
     return out
 

@@ -1,7 +1,10 @@
-"""The per-rank entry point: ``python -m shardrec.platform.worker --config RESOLVED.yaml --run-dir DIR``.
+"""The per-rank entry point: ``python -m shardrec.platform.worker --config JOB.yaml --run-dir DIR``.
 
-The CLI resolves and checks the job, writes it into the run folder, and starts one of these per
-rank (through torchrun, or in-process for a single rank).
+``shardrec train`` resolves and checks the job, writes it into the run folder, and starts one of
+these per rank (through torchrun, or in-process for a single rank). A torchx job
+(shardrec/launch/components.py) starts them the same way, and may instead pass ``--run-id`` (the
+run folder is then ``<run.root>/<run.name>/<run id>``), ``--resume auto`` (a restarted job goes on
+from its latest checkpoint) and ``--section.key=value`` overrides.
 """
 
 from __future__ import annotations
@@ -10,57 +13,114 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
-from torch.distributed.elastic.multiprocessing.errors import record
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
-from shardrec.errors import ShardrecError
+from shardrec.data.prepare import resolve_data
+from shardrec.errors import RankLostError, ShardrecError
 from shardrec.job import JobConfig, load_job
-from shardrec.platform.dist import init_distributed, shutdown
+from shardrec.platform import checkpoint, run_dir as run_dirs
+from shardrec.platform.dist import DistContext, init_distributed, lost_ranks_as_errors, shutdown
 from shardrec.platform.quiet import quiet_libraries
 from shardrec.platform.trainer import DataPaths, Trainer, TrainResult, summary
 from shardrec.sharding.planner import resolve_compute_device
 
+Resume = Path | Literal["auto"] | None
 
-def run(job: JobConfig, *, run_dir: Path, resume: Path | None) -> TrainResult:
-    """Trains ``job`` as one rank of the current launch and returns its result."""
+
+def run(job: JobConfig, *, run_dir: Path, resume: Resume) -> TrainResult:
+    """Trains ``job`` as one rank of the current launch and returns its result.
+
+    ``resume="auto"`` goes on from the run folder's latest complete checkpoint if it has one and
+    starts afresh otherwise, which is what a job that torchrun or its scheduler restarts needs.
+    """
+    if job.data.train_path is None:  # a job torchx launched directly: make or find its synthetic data
+        job = resolve_data(job)
+    run_dir.mkdir(parents=True, exist_ok=True)
     ctx = init_distributed(compute_device=resolve_compute_device(job.sharding), timeout_s=job.train.timeout_s)
     try:
-        assert job.data.train_path is not None, "the CLI resolves data paths before launching"
-        data = DataPaths(job.data.train_path, job.data.eval_path)
-        trainer = Trainer(job, ctx=ctx, run_dir=run_dir, data=data)
-        if resume is not None:
-            trainer.resume(resume)
-        elif job.checkpoint.warm_start is not None:
-            trainer.warm_start()
-        result = trainer.fit()
-        if ctx.is_main:
-            (run_dir / "result.json").write_text(json.dumps(summary(result), indent=2) + "\n")
-        return result
+        with lost_ranks_as_errors(rank=ctx.rank, timeout_s=job.train.timeout_s):
+            if ctx.is_main:
+                run_dirs.ensure_config(job, run_dir)
+            start = agreed_checkpoint(run_dir) if resume == "auto" else resume
+            return _train(job, ctx=ctx, run_dir=run_dir, resume=start)
     finally:
         shutdown()
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Arguments the launcher passes to each rank."""
+def _train(job: JobConfig, *, ctx: DistContext, run_dir: Path, resume: Path | None) -> TrainResult:
+    assert job.data.train_path is not None
+    trainer = Trainer(job, ctx=ctx, run_dir=run_dir, data=DataPaths(job.data.train_path, job.data.eval_path))
+    if resume is not None:
+        trainer.resume(resume)
+    elif job.checkpoint.warm_start is not None:
+        trainer.warm_start()
+    result = trainer.fit()
+    if ctx.is_main:
+        (run_dir / "result.json").write_text(json.dumps(summary(result), indent=2) + "\n")
+    return result
+
+
+def agreed_checkpoint(run_dir: Path) -> Path | None:
+    """Rank 0's view of the run folder's latest complete checkpoint, the same on every rank (file
+    systems may show ranks on other nodes a newer or older listing)."""
+    found = [checkpoint.latest(run_dir / "checkpoints") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Arguments the launcher passes to each rank, and the ``section.key=value`` overrides."""
     p = argparse.ArgumentParser(prog="shardrec-worker")
     p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--resume", type=Path, default=None)
-    return p.parse_args(argv)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run-dir", type=Path, help="the run folder")
+    where.add_argument("--run-id", help="the run folder is <run.root>/<run.name>/RUN_ID (e.g. the scheduler's job id)")
+    p.add_argument("--resume", default=None, help="a checkpoint or run folder; auto: this run's latest checkpoint if any; none: start afresh")
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if bad:
+        p.error(f"unrecognized arguments {bad}; config overrides look like --section.key=value")
+    return args, [a[2:] for a in rest]
+
+
+def _resume(value: str | None) -> Resume:
+    if value is None or value == "none":
+        return None
+    return "auto" if value == "auto" else checkpoint.resolve_resume(Path(value))
 
 
 @record
 def main(argv: list[str] | None = None) -> int:
     """Runs one rank; a bad-input error is printed as one line and exits 2."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     quiet_libraries()
+    run_dir = args.run_dir
     try:
-        run(load_job(args.config, []), run_dir=args.run_dir, resume=args.resume)
+        job = load_job(args.config, overrides)
+        run_dir = run_dir or run_dirs.runs_of(job) / args.run_id
+        run(job, run_dir=run_dir, resume=_resume(args.resume))
     except ShardrecError as e:
         print(f"shardrec: error: {e}", file=sys.stderr, flush=True)
-        (args.run_dir / "error.txt").write_text(f"{e}\n")
+        report_error(e, run_dir)
         return 2
     return 0
+
+
+def report_error(e: ShardrecError, run_dir: Path | None) -> None:
+    """Writes ``e`` where the launchers look: the run folder's error.txt and torchelastic's error
+    file of this rank (torchrun's failure summary and torchx's status show that one).
+
+    A RankLostError is the echo of another rank's failure: it does not replace that rank's error.txt.
+    """
+    get_error_handler().record_exception(e)
+    if run_dir is None or not run_dir.is_dir():
+        return
+    error = run_dir / "error.txt"
+    if not (isinstance(e, RankLostError) and error.exists()):
+        error.write_text(f"{e}\n")
 
 
 if __name__ == "__main__":

@@ -32,11 +32,28 @@ def read_plan_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def check_plan(data: dict[str, Any], *, path: Path, tables: dict[str, tuple[int, int]], world_size: int, compute_device: str) -> None:
-    """Raises a PlanError naming what differs between the plan file and this model and launch."""
+# Sharding types whose shards are grouped by node: valid only for the ranks per node planned for.
+_BY_NODE = ("table_row_wise", "table_column_wise", "grid_shard")
+
+
+def check_plan(
+    data: dict[str, Any], *, path: Path, tables: dict[str, tuple[int, int]], world_size: int, compute_device: str,
+    local_world_size: int | None = None,
+) -> None:
+    """Raises a PlanError naming what differs between the plan file and this model and launch
+    (``local_world_size``, the launch's ranks per node, is checked when given)."""
     topo = data["topology"]
     if topo["world_size"] != world_size:
         raise PlanError(f"plan file '{path}' was made for {topo['world_size']} ranks, this launch has {world_size}; plan again or launch {topo['world_size']} ranks")
+    by_node = {r["table"]: r["sharding_type"] for r in data["tables"] if r["sharding_type"] in _BY_NODE}
+    if local_world_size is not None and by_node and topo["local_world_size"] != local_world_size:
+        layout = f"{world_size // topo['local_world_size']}x{topo['local_world_size']}"
+        table, kind = next(iter(by_node.items()))
+        raise PlanError(
+            f"plan file '{path}' was made for {layout} (nodes x ranks per node), this launch is "
+            f"{world_size // local_world_size}x{local_world_size}; its table '{table}' is {kind}, whose shards are "
+            f"grouped by node: plan again for this launch, or launch -j {layout}"
+        )
     if topo["compute_device"] != compute_device:
         raise PlanError(f"plan file '{path}' was made for {topo['compute_device']}, this launch computes on {compute_device}")
     planned = {r["table"]: (r["rows"], r["dim"]) for r in data["tables"]}
@@ -74,8 +91,10 @@ def _placement(text: str, device_type: str) -> str:
     return f"{rank}/{device_type}:{local}" if device_type == "cuda" else f"{rank}/cpu"
 
 
-def load_plan(path: Path, *, tables: dict[str, tuple[int, int]], world_size: int, compute_device: str) -> ShardingPlan:
+def load_plan(
+    path: Path, *, tables: dict[str, tuple[int, int]], world_size: int, compute_device: str, local_world_size: int | None = None
+) -> ShardingPlan:
     """Reads, checks and rebuilds the plan in ``path``."""
     data = read_plan_file(path)
-    check_plan(data, path=path, tables=tables, world_size=world_size, compute_device=compute_device)
+    check_plan(data, path=path, tables=tables, world_size=world_size, compute_device=compute_device, local_world_size=local_world_size)
     return to_sharding_plan(data, device_type=torch.device(compute_device).type)

@@ -8,6 +8,7 @@ so on CPU we offer every sharding type and can test each of them without a GPU.
 from __future__ import annotations
 
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
@@ -34,4 +35,5 @@ class EmbeddingBagCollectionSharderAnyDevice(EmbeddingBagCollectionSharder):
 
 def default_sharders() -> list[ModuleSharder[nn.Module]]:
     """The sharders shardrec plans and shards with."""
-    return [EmbeddingBagCollectionSharderAnyDevice()]
+    # EmbeddingCollectionSharder (unpooled sequence tables) already offers row_wise on every device.
+    return [EmbeddingBagCollectionSharderAnyDevice(), EmbeddingCollectionSharder()]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from helpers import tiny_job_dict
@@ -42,7 +43,10 @@ def _only_run(tmp: Path) -> Path:
 def test_train_two_ranks_then_resume_matches_uninterrupted(tmp_path: Path, async_save: bool) -> None:
     # With async_save the step-8 checkpoint is written while steps 9-16 train: resuming from it
     # still matches, so the save holds the state of step 8, not a later one.
-    job = _write_job(tmp_path, steps=16, checkpoint={"enabled": True, "interval": 8, "async_save": async_save}, train={"log_interval": 1})
+    # The learning-rate schedule is mid-decay at step 8: a resume must continue it, not restart it.
+    schedule = {"warmup_steps": 4, "decay": "cosine", "min_ratio": 0.1}
+    job = _write_job(tmp_path, steps=16, checkpoint={"enabled": True, "interval": 8, "async_save": async_save},
+                     train={"log_interval": 1, "lr_schedule": schedule})
     first = _shardrec("train", str(job), "--nproc", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sharding plan:" in first.stdout and "eval auc:" in first.stdout
@@ -51,6 +55,11 @@ def test_train_two_ranks_then_resume_matches_uninterrupted(tmp_path: Path, async
     assert (run / "plan.json").is_file() and (run / "config.yaml").is_file()
     uninterrupted = dict(_losses(run))
     assert sorted(uninterrupted) == list(range(1, 17))
+    step8 = run / "checkpoints" / "step-00000008"
+    meta = json.loads((step8 / "meta.json").read_text())
+    assert meta["format"] == 1 and meta["step"] == 8 and meta["data"]["batch_size"] == 128
+    assert 0.1 < meta["lr_schedule"]["factor"] < 1.0
+    assert all(torch.load(step8 / f"rank-{r:05d}.pt", weights_only=True)["rng"]["torch"].numel() > 0 for r in (0, 1))
 
     resumed = _shardrec("train", str(job), "--nproc", "2", "--resume", str(run / "checkpoints" / "step-00000008"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -72,7 +81,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path: Path, capsys: pytest.Ca
         ("--train.stepz=3", "unknown config key 'train.stepz'; valid keys under 'train' are: dense_optimizer"),
         ("--train.pipeline=fast", "invalid value 'fast' for 'train.pipeline'; valid choices: auto, sparse_dist, base"),
         ("--train.steps=many", "'train.steps' must be of type int"),
-        ("--model.name=dlrn", "unknown model 'dlrn' (config key 'model.name'); known models: deepfm, dlrm, widedeep"),
+        ("--model.name=dlrn", "unknown model 'dlrn' (config key 'model.name'); known models: autoint, bst, dcn"),
         ("--data.train_path=/nonexistent/x.parquet", "'/nonexistent/x.parquet' does not exist"),
     ],
 )

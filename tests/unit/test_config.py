@@ -18,7 +18,7 @@ from shardrec.models import registry
 from shardrec.platform.train_config import TrainConfig
 
 TRAIN_KEYS = (
-    "dense_optimizer, epochs, eval_batches, eval_interval, log_interval, pipeline, progress_bar, seed, "
+    "dense_optimizer, epochs, eval_batches, eval_interval, log_interval, lr_schedule, pipeline, progress_bar, seed, "
     "sparse_optimizer, steps, timeout_s"
 )
 
@@ -139,7 +139,7 @@ def test_missing_model_name_lists_known_models() -> None:
     with pytest.raises(ConfigError) as info:
         build(JobConfig, data, key="")
     assert "missing config key 'model.name'" in str(info.value)
-    assert "known models: deepfm, dlrm, widedeep" in str(info.value)
+    assert "known models: " + ", ".join(registry.names()) in str(info.value)
 
 
 def test_post_init_errors_surface_through_load_job() -> None:
@@ -435,3 +435,11 @@ def test_several_labels_need_a_multi_task_model(tmp_path: Path) -> None:
     job["features"]["label"] = ["label", "label"]
     with pytest.raises(ConfigError, match=r"features.label lists 2 labels \(label, label\) but model 'dlrm' predicts one"):
         build_config(JobConfig, job, key="")
+
+
+def test_sparse_adam_on_cpu_is_a_config_error_naming_the_choices() -> None:
+    from shardrec.platform.optim import SparseOptimizerConfig, check_sparse_optimizer
+
+    with pytest.raises(ConfigError, match=r"train\.sparse_optimizer\.name 'adam'.*rowwise_adagrad, adagrad, sgd"):
+        check_sparse_optimizer(SparseOptimizerConfig(name="adam"), device_type="cpu")
+    check_sparse_optimizer(SparseOptimizerConfig(name="adam"), device_type="cuda")
