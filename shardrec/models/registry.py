@@ -4,6 +4,15 @@ A model module registers itself with :func:`register`; :func:`build_model` looks
 builds the model's own config from the ``model`` section of the job (every key but ``name``)
 and calls the builder. Every model's ``forward(dense_features, sparse_features)`` returns
 logits of shape ``[B]`` (or ``[B, num_tasks]`` for multi-task models).
+
+A model whose training objective is more than binary cross-entropy on its logits (a second net
+trained alongside, an auxiliary loss) returns, in training mode only, a tuple whose first element
+is the logits it serves and whose other elements are whatever its loss needs, and defines
+``loss(outputs, labels) -> Tensor`` over that tuple. :func:`training_loss` (which the trainer
+calls) sends a tuple to ``model.loss`` and plain logits to binary cross-entropy; in eval mode the
+model returns its logits alone. Example: rocket_launching returns ``(light, booster)`` while
+training and its ``loss`` adds both nets' cross-entropy and the hint loss; an auxiliary loss that
+needs no labels is just another element, ``(logits, aux_loss)``, that ``loss`` adds.
 """
 
 from __future__ import annotations
@@ -71,6 +80,19 @@ def build_model(name: str, params: dict[str, Any], *, schema: FeatureSchema, dev
     """Builds registered model ``name`` with ``params`` for ``schema`` on ``device``."""
     entry = get(name)
     return entry.builder(model_config(name, params), schema=schema, device=device)
+
+
+def training_loss(
+    model: nn.Module, outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(loss, logits)`` for a training step from what ``model``'s forward returned.
+
+    A tuple ``(logits, *extras)`` is scored by the model's own ``loss(outputs, labels)``; plain
+    logits by binary cross-entropy against ``labels``.
+    """
+    if isinstance(outputs, tuple):
+        return model.loss(outputs, labels), outputs[0]
+    return nn.functional.binary_cross_entropy_with_logits(outputs, labels), outputs
 
 
 def _import_zoo() -> None:

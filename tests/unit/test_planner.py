@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ShardingPlan
 
@@ -126,7 +127,7 @@ def test_cpu_sharder_offers_row_wise_where_torchrec_does_not() -> None:
     assert len(ours) == len(set(ours))
     # On cuda torchrec already offers them: nothing changes there.
     assert EmbeddingBagCollectionSharderAnyDevice().sharding_types("cuda") == EmbeddingBagCollectionSharder().sharding_types("cuda")
-    assert [type(s) for s in default_sharders()] == [EmbeddingBagCollectionSharderAnyDevice]
+    assert [type(s) for s in default_sharders()] == [EmbeddingBagCollectionSharderAnyDevice, EmbeddingCollectionSharder]
 
 
 def test_row_wise_on_cpu_plans_only_with_our_sharder(module: TrainModule, tables: dict[str, tuple[int, int]]) -> None:

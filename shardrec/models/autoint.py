@@ -1,0 +1,165 @@
+"""AutoInt (Song et al. 2019): multi-head self-attention over the sparse and dense fields' embeddings,
+with residual connections; AutoInt+ adds a deep MLP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from shardrec.data.schema import FeatureSchema
+from shardrec.errors import ConfigError
+from shardrec.models.layers import (
+    MLP,
+    build_ebc,
+    check_features,
+    check_layer_sizes,
+    pooled_by_feature,
+    shared_embedding_dim,
+)
+from shardrec.models.registry import register
+
+
+@dataclass(kw_only=True)
+class AutoIntConfig:
+    """The ``model`` section for ``name: autoint``; defaults are the paper's (Section 5.1.4)."""
+
+    num_attention_layers: int = 3
+    """Number of interacting layers."""
+    num_heads: int = 2
+    """Attention heads per interacting layer."""
+    attention_dim: int = 32
+    """d': width of each head's queries, keys and values; a layer outputs num_heads * d' per field."""
+    residual: bool = True
+    """Add the residual projection W_res e_m inside each interacting layer's ReLU."""
+    deep_layer_sizes: list[int] | None = None
+    """Hidden widths of a deep MLP over the field embeddings whose logit is added (AutoInt+, e.g. [400, 400])."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_attention_layers", "num_heads", "attention_dim"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'model.{key}' must be >= 1, got {getattr(self, key)}")
+        if self.deep_layer_sizes is not None:
+            check_layer_sizes(self.deep_layer_sizes, key="model.deep_layer_sizes")
+
+
+class DenseFieldEmbedding(nn.Module):
+    """Dense features as fields (AutoInt Eq. 4): ``e_m = v_m x_m``, one learned vector per feature.
+
+    Args:
+        num_dense: number of dense features.
+        dim: the embedding width D shared with the sparse fields.
+        device: where the weights are created.
+    """
+
+    def __init__(self, num_dense: int, dim: int, *, device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_dense, dim, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.01^2), the authors' initialization of every field embedding."""
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, dense_features: torch.Tensor) -> torch.Tensor:
+        """Returns ``[B, num_dense, D]`` for ``dense_features`` ``[B, num_dense]``."""
+        return dense_features.unsqueeze(2) * self.weight
+
+
+class InteractingLayer(nn.Module):
+    """One interacting layer (AutoInt Eq. 5-8): multi-head self-attention across the fields, scored by
+    the plain inner product <W_Q e_m, W_K e_k>, then ``ReLU(concat of heads + W_res e_m)``.
+
+    Args:
+        in_features: width of each field's input.
+        num_heads: number of heads H.
+        head_dim: d'.
+        residual: add the residual projection W_res.
+        device: where the weights are created.
+    """
+
+    def __init__(self, in_features: int, *, num_heads: int, head_dim: int, residual: bool, device: torch.device) -> None:
+        super().__init__()
+        out = num_heads * head_dim
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.query = nn.Linear(in_features, out, bias=False, device=device)
+        self.key = nn.Linear(in_features, out, bias=False, device=device)
+        self.value = nn.Linear(in_features, out, bias=False, device=device)
+        self.residual = nn.Linear(in_features, out, bias=False, device=device) if residual else None
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, M, H * d']`` -> ``[B, H, M, d']``."""
+        return x.unflatten(2, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def attention(self, e: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``[B, H, M, M]`` for fields ``e`` ``[B, M, in_features]``; each row sums to 1."""
+        q, k = self.split_heads(self.query(e)), self.split_heads(self.key(e))
+        return (q @ k.transpose(2, 3)).softmax(dim=-1)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        """Returns ``[B, M, H * d']`` for fields ``e`` ``[B, M, in_features]``."""
+        attended = (self.attention(e) @ self.split_heads(self.value(e))).transpose(1, 2).flatten(2)
+        if self.residual is not None:
+            attended = attended + self.residual(e)
+        return torch.relu(attended)
+
+
+class AutoInt(nn.Module):
+    """AutoInt from Song et al. 2019, "AutoInt: Automatic Feature Interaction Learning via Self-Attentive
+    Neural Networks".
+
+    The fields are each sparse feature's pooled embedding and each dense feature times its own
+    learned vector; they go through the interacting layers, and one Linear over all fields' outputs
+    gives the logit (plus a deep MLP's logit over the field embeddings for AutoInt+). All tables must
+    share one embedding_dim D; the paper averages multi-hot bags (``pooling: mean``).
+
+    Example::
+
+        schema = criteo_schema(num_dense=3, num_sparse=2, rows=[100, 100], dim=16)
+        model = AutoInt(schema=schema, config=AutoIntConfig(), device=torch.device("cpu"))
+        # keys C1, C2; stride B = 2; row 0 has C1 = [4, 7], C2 = []; row 1 has C1 = [1], C2 = [9]
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["C1", "C2"], values=torch.tensor([4, 7, 1, 9]), lengths=torch.tensor([2, 1, 0, 1])
+        )
+        logits = model(torch.randn(2, 3), kjt)  # [2]
+    """
+
+    def __init__(self, *, schema: FeatureSchema, config: AutoIntConfig, device: torch.device) -> None:
+        super().__init__()
+        check_features(schema, model="autoint")
+        dim = shared_embedding_dim(schema, model="autoint")
+        self.feature_names = schema.sparse_names
+        num_fields = len(self.feature_names) + len(schema.dense)
+        self.ebc = build_ebc(schema, device=device)
+        self.dense_embedding = DenseFieldEmbedding(len(schema.dense), dim, device=device)
+        out = config.num_heads * config.attention_dim
+        widths = [dim] + [out] * (config.num_attention_layers - 1)
+        self.interacting = nn.ModuleList(
+            InteractingLayer(
+                w, num_heads=config.num_heads, head_dim=config.attention_dim, residual=config.residual, device=device
+            )
+            for w in widths
+        )
+        self.logit = nn.Linear(num_fields * out, 1, device=device)
+        deep = config.deep_layer_sizes
+        self.deep = MLP(num_fields * dim, [*deep, 1], final_activation="none", device=device) if deep else None
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
+        sparse = torch.stack(pooled_by_feature(self.ebc(sparse_features), self.feature_names), dim=1)
+        e = torch.cat([sparse, self.dense_embedding(dense_features)], dim=1)
+        x = e
+        for layer in self.interacting:
+            x = layer(x)
+        logit = self.logit(x.flatten(1))
+        if self.deep is not None:
+            logit = logit + self.deep(e.flatten(1))
+        return logit.squeeze(-1)
+
+
+@register("autoint", AutoIntConfig)
+def build_autoint(config: AutoIntConfig, *, schema: FeatureSchema, device: torch.device) -> AutoInt:
+    """Builds an AutoInt (AutoInt+ with ``deep_layer_sizes``) for ``schema`` on ``device``."""
+    return AutoInt(schema=schema, config=config, device=device)
