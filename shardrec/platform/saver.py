@@ -17,6 +17,7 @@ import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,11 @@ class _Pending:
 class Saver:
     """Saves checkpoints under ``root``, synchronously or with one asynchronous save in flight."""
 
-    def __init__(self, root: Path, *, is_main: bool, keep_last_n: int, asynchronous: bool) -> None:
+    def __init__(self, root: Path, *, is_main: bool, keep_last_n: int, asynchronous: bool, timeout_s: float = 1800.0) -> None:
         self.root, self.is_main, self.keep_last_n, self.asynchronous = root, is_main, keep_last_n, asynchronous
         self._pending: _Pending | None = None
-        self._group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        group_timeout = timedelta(seconds=timeout_s)  # a rank lost mid-save fails the job like any collective
+        self._group = dist.new_group(backend="gloo", timeout=group_timeout) if asynchronous and dist.is_initialized() else None
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="shardrec-save", initializer=_lower_priority
         ) if asynchronous else None

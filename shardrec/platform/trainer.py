@@ -74,7 +74,10 @@ class Trainer:
         self._per_epoch: int | None = None
         self.schedule: LRSchedule | None = None
         cfg = job.checkpoint
-        self.saver = Saver(run_dir / "checkpoints", is_main=ctx.is_main, keep_last_n=cfg.keep_last_n, asynchronous=cfg.async_save)
+        self.saver = Saver(
+            run_dir / "checkpoints", is_main=ctx.is_main, keep_last_n=cfg.keep_last_n, asynchronous=cfg.async_save,
+            timeout_s=job.train.timeout_s,
+        )
 
     def build_model(self) -> DistributedModelParallel:
         """Builds on meta, plans, shards and initializes the model independently of the plan."""
