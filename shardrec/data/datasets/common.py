@@ -74,6 +74,8 @@ class Layout:
     vocab_sizes: dict[str, int] = field(default_factory=dict)
     """Rows a table needs at least, by table name: the size of its vocabulary, which may hold ids
     that no written row uses (e.g. a user whose only event makes no sample)."""
+    pooling: dict[str, str] = field(default_factory=dict)
+    """Pooling of a table other than sum, by table name (e.g. mean for a table a long history reads)."""
 
 
 @dataclass(kw_only=True)
@@ -451,7 +453,8 @@ def _tables(layout: Layout, scan: _Scan) -> list[TableConfig]:
         bound = [f for f in layout.sparse if f.table == name]
         ids = np.unique(np.concatenate([scan.ids[f.name] for f in bound]))
         rows = max(_table_rows(bound, ids, layout.hash_rows), layout.vocab_sizes.get(name, 0))
-        tables.append(TableConfig(name=name, num_embeddings=rows, embedding_dim=layout.embedding_dim))
+        tables.append(TableConfig(name=name, num_embeddings=rows, embedding_dim=layout.embedding_dim,
+                                  pooling=layout.pooling.get(name, "sum")))
     return tables
 
 

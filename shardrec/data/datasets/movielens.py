@@ -9,13 +9,14 @@ One output row per rating, with columns:
 * ``label`` (int8): 1 when ``rating >= 4``; ``rating`` and ``timestamp`` are kept as they are.
 * ``user_id``, ``movie_id``: the raw ids, already dense (1..943, 1..1682), so kept; tables
   ``user`` and ``movie`` have max id + 1 rows.
-* ``age``: years, read twice: as a dense feature and, through ``age_bucket``
+* ``age``: years, read twice: as a dense feature (``transform: log1p``) and, through ``age_bucket``
   (``source: age``, boundaries 18, 25, 35, 45, 50, 56), as one of 7 bucket ids.
 * ``gender``, ``occupation``, ``zip3`` (first 3 characters of the zip code): vocabulary ids,
   0..n-1 in sorted order of the raw strings (``vocab/<column>.parquet`` maps them back).
 * ``genres``: list of genre ids, 0..18 in the column order above (multi-hot, table ``genre``).
 * ``hist_movie_ids``: the user's movies rated before this one, oldest first, at most the last 50
-  (``sequence: true, max_len: 50``); it shares table ``movie`` with ``movie_id``. "Before" is in
+  (``sequence: true, max_len: 50``); it shares table ``movie`` (``pooling: mean``, so a model that
+  pools the history gets its average) with ``movie_id``. "Before" is in
   the user's order by (timestamp, movie_id): ratings of one second are ordered by movie id.
 
 Splits (``--split``), per user, in that same order:
@@ -170,7 +171,9 @@ def _eval_mask(users: np.ndarray, split: Literal["time", "leave_last_out"]) -> n
 def _layout(options: MovieLensOptions, *, vocab_sizes: dict[str, int]) -> Layout:
     return Layout(
         labels=["label"],
-        dense=[DenseFeature(name="age", fill_missing=0.0)],
+        # Raw years and a sum of 50 history vectors swamp the linear, FM and cross terms of
+        # DCN/DeepFM/xDeepFM/Wide&Deep (docs/models.md, "Findings"): log1p and mean pooling.
+        dense=[DenseFeature(name="age", fill_missing=0.0, transform="log1p")],
         sparse=[
             SparseFeature(name="user_id", table="user"),
             SparseFeature(name="movie_id", table="movie"),
@@ -183,4 +186,5 @@ def _layout(options: MovieLensOptions, *, vocab_sizes: dict[str, int]) -> Layout
         eval="eval.parquet",
         embedding_dim=options.embedding_dim,
         vocab_sizes=vocab_sizes,
+        pooling={"movie": "mean"},
     )

@@ -1,0 +1,173 @@
+"""Test AUC, log loss, training samples/s and parameters of every ranking model on MovieLens-100k.
+
+One protocol for all models (docs/models.md): `shardrec data prepare movielens --split time`
+(label rating >= 4, each user's last 20% of ratings as test, the last 50 movies as history; age as
+log1p and the history mean-pooled, see ``features``), each
+model's own config file with its main MLP set to the same widths, embedding dim 16, the same epochs,
+batch and optimizers, 2 gloo ranks. A job file per model is written to ``<work>/jobs/`` and trained
+in this process's spawned ranks; ``shardrec train <work>/jobs/<model>.yaml --nproc 2`` trains the same
+job through the CLI. Prints a markdown table. Usage:
+
+    python bench/model_quality.py [--models widedeep,din] [--epochs 2] [--work /tmp/shardrec-quality]
+
+The MovieLens folder is ``$SHARDREC_SAMPLE_DATA/movielens100k`` unless ``--input`` names another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from shardrec.cli import main as cli_main
+from shardrec.data.prepare import resolve_data
+from shardrec.job import JobConfig, load_job
+from shardrec.launch.spawn import run_ranks
+from shardrec.models import registry
+from shardrec.platform.dist import init_distributed, shutdown
+from shardrec.platform.quiet import quiet_libraries
+from shardrec.platform.trainer import DataPaths, TrainResult, Trainer, model_tables
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+MODELS = ["widedeep", "deepfm", "dlrm", "dcn", "dcnv2", "xdeepfm", "autoint", "masknet", "wukong", "multitower",
+          "rocket_launching", "din", "dien", "bst"]
+MLP = [64, 32]
+# The main MLP of each model, set to MLP (dlrm's over arch ends in its logit); other keys stay as
+# in the model's config file.
+MLP_KEYS: dict[str, dict[str, Any]] = {
+    "widedeep": {"deep_layer_sizes": MLP},
+    "deepfm": {"deep_layer_sizes": MLP},
+    "dlrm": {"dense_arch_layer_sizes": [32, 16], "over_arch_layer_sizes": [*MLP, 1]},
+    "dcn": {"deep_layer_sizes": MLP},
+    "dcnv2": {"deep_layer_sizes": MLP},
+    "xdeepfm": {"deep_layer_sizes": MLP},
+    "autoint": {"deep_layer_sizes": MLP},
+    "masknet": {"mlp_layer_sizes": MLP},
+    "wukong": {"final_layer_sizes": MLP},
+    # The config's groups name Criteo columns; without groups: one sparse and one dense tower.
+    "multitower": {"groups": None, "tower_layer_sizes": MLP, "final_layer_sizes": [32]},
+    "rocket_launching": {"booster_layer_sizes": MLP, "light_layer_sizes": [32]},
+    "din": {"mlp_layer_sizes": MLP},
+    "dien": {"mlp_layer_sizes": MLP},
+    "bst": {"mlp_layer_sizes": MLP},
+}
+
+
+def prepare(src: Path, out: Path) -> Path:
+    """The converted MovieLens folder's schema.yaml, converting once."""
+    schema = out / "schema.yaml"
+    if not schema.is_file():
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = cli_main(["data", "prepare", "movielens", "--input", str(src), "--output", str(out), "--split", "time"])
+        if rc != 0:
+            raise SystemExit(f"data prepare movielens failed on {src}")
+    return schema
+
+
+def model_section(name: str) -> dict[str, Any]:
+    """``configs/<name>.yaml``'s model section with the shared MLP widths."""
+    model = dict(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"])
+    for key, value in MLP_KEYS[name].items():
+        if value is None:
+            model.pop(key, None)
+        else:
+            model[key] = value
+    return model
+
+
+def features(schema: Path) -> dict[str, Any]:
+    """The converted schema's features section, changed for every model alike: ``age`` (years, also
+    bucketized) as log1p, and mean pooling of the ``movie`` table, which the 50-long history shares
+    with ``movie_id`` (one id: its mean is itself). With the converter's raw age and sum pooling,
+    models that feed them to a linear, FM or cross term lost up to 0.17 AUC (docs/models.md)."""
+    tables = yaml.safe_load(schema.read_text())["features"]["tables"]
+    return {
+        "dense": [{"name": "age", "fill_missing": 0.0, "transform": "log1p"}],
+        "tables": [t | {"pooling": "mean"} if t["name"] == "movie" else t for t in tables],
+    }
+
+
+def write_job(name: str, *, schema: Path, work: Path, epochs: int) -> Path:
+    """Writes the job of model ``name`` under the shared protocol; returns its path."""
+    job = {
+        "include": [str(schema)],
+        "features": features(schema),
+        "model": model_section(name),
+        "data": {"batch_size": 256},
+        "train": {
+            "steps": None, "epochs": epochs, "progress_bar": False, "seed": 0,
+            "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.05},
+            "dense_optimizer": {"name": "adam", "lr": 0.001},
+        },
+        "checkpoint": {"enabled": False},
+        "run": {"root": str(work / "runs")},
+    }
+    path = work / "jobs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def parameters(job: JobConfig) -> tuple[int, int]:
+    """(embedding, dense) parameter counts of the job's model, built on the meta device."""
+    model = registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta"))
+    embedding = sum(rows * dim for rows, dim in model_tables(model).values())
+    return embedding, sum(p.numel() for p in model.parameters()) - embedding
+
+
+def _rank(job: JobConfig, run_dir: Path) -> TrainResult:
+    quiet_libraries()
+    ctx = init_distributed(compute_device="cpu")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the plan, printed by every run
+            return Trainer(job, ctx=ctx, run_dir=run_dir, data=DataPaths(job.data.train_path or "", job.data.eval_path)).fit()
+    finally:
+        shutdown()
+
+
+def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, Any]:
+    """Trains and evaluates one model; returns its table row."""
+    path = write_job(name, schema=schema, work=work, epochs=epochs)
+    job = resolve_data(load_job(path, []))
+    run_dir = work / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = run_ranks(_rank, job, run_dir, world_size=2, timeout=1800)[0]
+    embedding, dense = parameters(job)
+    assert result.eval is not None
+    return {"model": name, "auc": result.eval["auc"], "log_loss": result.eval["log_loss"], "rows": int(result.eval["rows"]),
+            "samples_per_s": result.samples_per_s, "embedding": embedding, "dense": dense,
+            "wall_s": time.perf_counter() - start, "job": path}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated; default: all 14")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--input", type=Path, default=Path(os.environ.get("SHARDREC_SAMPLE_DATA", "../shared/data")) / "movielens100k")
+    p.add_argument("--work", type=Path, default=Path("/tmp/shardrec-quality"))
+    args = p.parse_args()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    schema = prepare(args.input, args.work / "movielens")
+    print("| model | test AUC | log loss | train samples/s | embedding params | dense params | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        r = run_model(name, schema=schema, work=args.work, epochs=args.epochs)
+        print(f"| {name} | {r['auc']:.4f} | {r['log_loss']:.4f} | {r['samples_per_s']:,.0f} | {r['embedding']:,} | "
+              f"{r['dense']:,} | {r['wall_s']:.0f} |", flush=True)
+    print(f"\ntest rows: {r['rows']:,}; jobs: {args.work / 'jobs'}; "
+          f"same job through the CLI: shardrec train {args.work / 'jobs'}/<model>.yaml --nproc 2")
+
+
+if __name__ == "__main__":
+    main()
