@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from checkpoint_throughput import drop_caches  # bench/ is on sys.path when a bench runs
+
 GB = 1e9
 BLOCK_ROWS = 1 << 16
 KEY = "model.ebc.embedding_bags.big.weight"
@@ -47,17 +49,6 @@ def write_checkpoint(path: Path, *, rows: int, dim: int) -> None:
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": {KEY: table}}, checkpoint_id=str(path), no_dist=True)
     (path / "meta.json").write_text(json.dumps({"format": 1, "step": 0, "model": "bench", "world_size": 1}) + "\n")
-
-
-def drop_caches() -> bool:
-    """Writes dirty pages and drops the page cache; False where that is not permitted."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        return False
-    return True
 
 
 def run_measured(cmd: list[str], scratch: Path) -> tuple[float, float]:

@@ -22,6 +22,7 @@ State that fits none of these (e.g. another optimizer's) starts from zero, with 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,7 @@ def convert(saved: SavedCheckpoint, flat: dict[str, Any], keys: list[str], *, st
             _fill(value, lambda box: torch.full([b - a for a, b in box], float(step)))
         elif source is None or not isinstance(value, (torch.Tensor, ShardedTensor)):
             failed.append(key)
-        elif source.elementwise and _numel(value) == _numel_of(saved, source.key):
+        elif source.elementwise and math.prod(value.size()) == math.prod(saved.tensors[source.key].size):
             _fill(value, lambda box, k=source.key: saved.read(k, box).reshape([b - a for a, b in box]))
         elif not source.elementwise and _is_rowwise(value, source.rows):
             blocks = target_blocks(flat[param_of(key)])
@@ -149,17 +150,3 @@ def _fill(value: Any, compute: Any) -> None:
     else:
         box = tuple((0, n) for n in value.shape)
         value.copy_(compute(box).to(value.dtype))
-
-
-def _numel(value: Any) -> int:
-    n = 1
-    for s in value.size():
-        n *= s
-    return n
-
-
-def _numel_of(saved: SavedCheckpoint, key: str) -> int:
-    n = 1
-    for s in saved.tensors[key].size:
-        n *= s
-    return n

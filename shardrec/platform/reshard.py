@@ -124,7 +124,7 @@ def reshard_checkpoint(path: Path, *, plan: Path, out: Path, block_bytes: int = 
     with atomic_folder(out) as tmp:
         writer = _Writer(tmp, block_bytes=block_bytes)
         done = _write_tables(saved, writer, records, step=int(meta["step"]))
-        planner_data = dict(saved_planner_data(path))
+        planner_data = saved.paths
         for key, md in saved.tensors.items():
             if key not in done:
                 writer.tensor(key, size=list(md.size), dtype=md.properties.dtype,
@@ -136,13 +136,6 @@ def reshard_checkpoint(path: Path, *, plan: Path, out: Path, block_bytes: int = 
         writer.close()
         _attach(path, tmp, meta=meta, plan=plan, world_size=int(data["topology"]["world_size"]))
     return {"checkpoint": str(out), "from": str(path), "plan": str(plan), "tables": len(records)}
-
-
-def saved_planner_data(path: Path) -> dict[str, tuple[str, ...]]:
-    """The nested paths of a checkpoint's flat keys, as DCP recorded them."""
-    import torch.distributed.checkpoint as dcp
-
-    return dcp.FileSystemReader(str(path)).read_metadata().planner_data or {}
 
 
 def _match_tables(saved: SavedCheckpoint, data: dict[str, Any], *, plan: Path) -> list[tuple[dict[str, Any], str]]:

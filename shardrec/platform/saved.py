@@ -10,6 +10,7 @@ it to touch a few rows of a table at a time, never a whole table.
 from __future__ import annotations
 
 import io
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class SavedCheckpoint:
         except FileNotFoundError as e:
             raise CheckpointError(f"'{self.path}' has no DCP .metadata: not a complete checkpoint") from e
         self.entries: dict[str, Any] = metadata.state_dict_metadata
+        self.paths: dict[str, tuple[str, ...]] = metadata.planner_data or {}
+        """Each flat key's path in the nested state dict, as DCP recorded it."""
         self._storage: dict[MetadataIndex, Any] = metadata.storage_data
         self._stored: dict[tuple[str, tuple[int, ...]], _Stored] = {}
 
@@ -136,11 +139,12 @@ class SavedCheckpoint:
                 region.copy_(self._read_chunk(key, chunk, local))
 
     def _read_rows_into(self, key: str, chunk: ChunkStorageMetadata, rows: tuple[int, int], dest: torch.Tensor) -> None:
+        """Reads whole rows ``rows`` of one chunk from disk into contiguous ``dest``."""
         stored = self._locate(key, chunk)
-        row_bytes = dest[0].numel() * dest.element_size() if dest.numel() else 0
-        buf = dest.view(torch.uint8).reshape(-1).numpy() if dest.dim() else None
-        if buf is None or not buf.nbytes:
+        buf = dest.view(torch.uint8).reshape(-1).numpy()
+        if not buf.nbytes:
             return
+        row_bytes = math.prod(stored.shape[1:]) * dest.element_size()
         with open(stored.file, "rb") as f:
             f.seek(stored.data_offset + rows[0] * row_bytes)
             if f.readinto(buf) != buf.nbytes:
@@ -159,16 +163,8 @@ class SavedCheckpoint:
         if not stored.shape:
             return self._load_whole(key, chunk)
         (r0, r1), rest = box[0], box[1:]
-        row_elems = 1
-        for n in stored.shape[1:]:
-            row_elems *= n
-        itemsize = torch.empty((), dtype=stored.dtype).element_size()
         rows = torch.empty([r1 - r0, *stored.shape[1:]], dtype=stored.dtype)
-        with open(stored.file, "rb") as f:
-            f.seek(stored.data_offset + r0 * row_elems * itemsize)
-            buf = rows.view(torch.uint8).reshape(-1).numpy()
-            if f.readinto(buf) != buf.nbytes:
-                raise CheckpointError(f"checkpoint '{self.path}': '{stored.file.name}' ends inside tensor '{key}'")
+        self._read_rows_into(key, chunk, (r0, r1), rows)
         return rows[(slice(None), *(slice(a, b) for a, b in rest))]
 
     def _locate(self, key: str, chunk: ChunkStorageMetadata) -> _Stored:
