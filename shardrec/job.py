@@ -15,6 +15,7 @@ from shardrec.data.config import DataConfig
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models import registry
+from shardrec.platform.retrieval_eval import catalogue_checks
 from shardrec.platform.train_config import TrainConfig
 from shardrec.sharding.config import ShardingConfig
 
@@ -53,11 +54,21 @@ class JobConfig:
             raise ConfigError(f"missing config key 'model.name'; known models: {', '.join(registry.names())}")
         registry.model_config(self.model_name, self.model_params)
         labels = self.features.labels
-        if len(labels) > 1 and not registry.get(self.model_name).multi_task:
+        if registry.get(self.model_name).retrieval:
+            self._check_retrieval()
+        elif len(labels) > 1 and not registry.get(self.model_name).multi_task:
             raise ConfigError(
                 f"features.label lists {len(labels)} labels ({', '.join(labels)}) but model '{self.model_name}' predicts "
                 "one; set features.label to one of them, or use a multi-task model"
             )
+
+    def _check_retrieval(self) -> None:
+        if self.data.eval_path is not None and self.data.items_path is None:
+            raise ConfigError(
+                f"model '{self.model_name}' is evaluated by ranking every item: set data.items_path to the item catalogue "
+                "(Parquet, one row per item; shardrec data prepare movielens writes items.parquet), or unset data.eval_path"
+            )
+        catalogue_checks(self.features, self.train.retrieval.exclude_feature)
 
     @property
     def model_name(self) -> str:

@@ -10,16 +10,37 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardrec.config import build, to_dict
-from shardrec.data.schema import DenseFeature, FeatureSchema, SparseFeature, TableConfig, criteo_schema
+from shardrec.data.schema import DenseFeature, FeatureSchema, NegativeSampling, SparseFeature, TableConfig, criteo_schema
 from shardrec.data.synthetic import generate
 from shardrec.job import JobConfig
+from shardrec.models import registry
 
 TINY_ROWS = [200, 50, 1000, 8, 300, 120]
 
 
 def tiny_job_dict(tmp: Path, *, model: str = "dlrm", steps: int = 20, rows: int = 4096, **sections: Any) -> dict[str, Any]:
-    """A job dict over a small Criteo-shaped synthetic data set written into ``tmp``."""
-    if model in SEQUENCE_MODELS:
+    """A job dict over a small Criteo-shaped synthetic data set written into ``tmp`` (sequence,
+    multi-task and retrieval models: data of their kind)."""
+    items = None
+    if registry.get(model).retrieval:
+        options = RETRIEVAL_DATA.get(model, {})
+        schema = retrieval_schema(**options)
+        tag = "_".join(sorted(k for k, v in options.items() if v)) or "plain"
+        train, held_out, items = tmp / f"ret_{tag}_train.parquet", tmp / f"ret_{tag}_eval.parquet", tmp / f"ret_{tag}_items.parquet"
+        if not train.exists():
+            write_retrieval_data(rows=rows, path=train, seed=1, **options)
+            write_retrieval_data(rows=256, path=held_out, seed=2, **options)
+            write_catalogue(items, **options)
+    elif registry.get(model).multi_task:
+        schema = criteo_schema(num_dense=4, num_sparse=len(TINY_ROWS), rows=TINY_ROWS, dim=8)
+        for f in schema.sparse:
+            f.hash = False
+        schema.label = ["label", "label2"]
+        train, held_out = tmp / "mt_train.parquet", tmp / "mt_eval.parquet"
+        if not train.exists():
+            for path, n, seed in ((train, rows, 1), (held_out, 1024, 2)):
+                generate(schema, rows=n, path=path, seed=seed, zipf_a=1.2, row_group_size=1024)
+    elif model in SEQUENCE_MODELS:
         schema = sequence_schema()
         train, held_out = tmp / "seq_train.parquet", tmp / "seq_eval.parquet"
         if not train.exists():
@@ -36,7 +57,8 @@ def tiny_job_dict(tmp: Path, *, model: str = "dlrm", steps: int = 20, rows: int 
     job: dict[str, Any] = {
         "model": {"name": model, **({"dense_arch_layer_sizes": [16, 8]} if model == "dlrm" else {})},
         "features": to_dict(schema),
-        "data": {"train_path": str(train), "eval_path": str(held_out), "batch_size": 128, "prefetch": 0},
+        "data": {"train_path": str(train), "eval_path": str(held_out), "batch_size": 128, "prefetch": 0,
+                 **({"items_path": str(items)} if items else {})},
         "sharding": {"compute_device": "cpu"},
         "train": {"steps": steps, "progress_bar": False, "seed": 0, "timeout_s": 120,
                   "dense_optimizer": {"name": "adam", "lr": 0.003}, "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.1}},
@@ -103,4 +125,85 @@ def write_sequence_data(*, rows: int, path: Path, seed: int) -> Path:
         "item_id": pa.array(cols["item_id"]), "history": pa.array(cols["history"], type=pa.list_(pa.int64())),
     })
     pq.write_table(table, path, row_group_size=1024)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval models: users whose histories and next items come from one of 4 item groups.
+
+RETRIEVAL_DATA: dict[str, dict[str, Any]] = {
+    "hstu": {"time": True, "negatives": 16},
+    "hllm": {"text": True},
+    "youtubednn": {"negatives": 16},
+    "sasrec": {"negatives": 16},
+    "gru4rec": {"negatives": 16},
+}
+"""Options of :func:`retrieval_schema` each retrieval model's generic tests use (default: none)."""
+TOKENS = 24
+TOKENS_PER_ITEM = 4
+
+
+def retrieval_schema(*, dim: int = 8, time: bool = False, text: bool = False, negatives: int = 0) -> FeatureSchema:
+    """``d0``, ``user_id``, ``item_id`` (the next item) and ``history`` over table ``item``; with
+    ``time``: raw ``hist_ts``/``ts`` timestamps; with ``text``: ``hist_tokens``/``item_tokens``
+    (TOKENS_PER_ITEM token ids per item, table ``token``); with ``negatives``: ``neg_item_ids``."""
+    sparse = [
+        SparseFeature(name="user_id", table="user"),
+        SparseFeature(name="item_id", table="item"),
+        SparseFeature(name="history", table="item", sequence=True, max_len=SEQ_MAX_LEN),
+    ]
+    tables = [TableConfig(name="user", num_embeddings=SEQ_USERS, embedding_dim=dim),
+              TableConfig(name="item", num_embeddings=SEQ_ITEMS, embedding_dim=dim)]
+    if time:
+        sparse += [SparseFeature(name="hist_ts", raw=True, sequence=True, max_len=SEQ_MAX_LEN), SparseFeature(name="ts", raw=True)]
+    if text:
+        sparse += [SparseFeature(name="item_tokens", table="token", sequence=True, max_len=TOKENS_PER_ITEM),
+                   SparseFeature(name="hist_tokens", table="token", sequence=True, max_len=SEQ_MAX_LEN * TOKENS_PER_ITEM)]
+        tables.append(TableConfig(name="token", num_embeddings=TOKENS, embedding_dim=dim))
+    if negatives:
+        sparse.append(SparseFeature(name="neg_item_ids", table="item", negatives=NegativeSampling(num=negatives, of="item_id")))
+    return FeatureSchema(dense=[DenseFeature(name="d0", fill_missing=0.0)], sparse=sparse, tables=tables)
+
+
+def item_tokens(item: int) -> list[int]:
+    """An item's "title": TOKENS_PER_ITEM token ids, the third naming its group (0 pads)."""
+    return [1 + item % 7, 8 + (item // 7) % 5, 13 + item % 4, 17 + item % 7 if item % 2 else 0]
+
+
+def write_retrieval_data(*, rows: int, path: Path, seed: int, time: bool = False, text: bool = False, negatives: int = 0) -> Path:
+    """``rows`` rows of :func:`retrieval_schema`'s columns: each user's history and next item come
+    mostly (80%) from one group of items (id % 4)."""
+    del negatives  # drawn during training, no column
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, 4, rows)
+    lengths = rng.integers(1, SEQ_MAX_LEN + 1, rows)
+
+    def draw(g: int, n: int) -> list[int]:
+        own = rng.random(n) < 0.8
+        return np.where(own, 4 * rng.integers(0, SEQ_ITEMS // 4, n) + g, rng.integers(0, SEQ_ITEMS, n)).tolist()
+
+    history = [draw(g, n) for g, n in zip(group, lengths)]
+    target = [draw(g, 1)[0] for g in group]
+    cols: dict[str, Any] = {
+        "label": pa.array(np.ones(rows, dtype=np.int8)), "d0": pa.array(rng.random(rows).astype(np.float32)),
+        "user_id": pa.array(rng.integers(0, SEQ_USERS, rows)), "item_id": pa.array(target),
+        "history": pa.array(history, type=pa.list_(pa.int64())),
+    }
+    if time:
+        stamps = [np.cumsum(rng.integers(1, 5000, n + 1)).tolist() for n in lengths]
+        cols["hist_ts"] = pa.array([s[:-1] for s in stamps], type=pa.list_(pa.int64()))
+        cols["ts"] = pa.array([s[-1] for s in stamps])
+    if text:
+        cols["item_tokens"] = pa.array([item_tokens(t) for t in target], type=pa.list_(pa.int64()))
+        cols["hist_tokens"] = pa.array([[x for i in h for x in item_tokens(i)] for h in history], type=pa.list_(pa.int64()))
+    pq.write_table(pa.table(cols), path, row_group_size=1024)
+    return path
+
+
+def write_catalogue(path: Path, *, text: bool = False, **_: Any) -> Path:
+    """The item catalogue of :func:`retrieval_schema`: every item id (and its tokens with ``text``)."""
+    cols: dict[str, Any] = {"item_id": pa.array(np.arange(SEQ_ITEMS))}
+    if text:
+        cols["item_tokens"] = pa.array([item_tokens(i) for i in range(SEQ_ITEMS)], type=pa.list_(pa.int64()))
+    pq.write_table(pa.table(cols), path)
     return path

@@ -39,6 +39,9 @@ class DataConfig:
     set: synthetic data is used."""
     eval_path: str | None = None
     """Held-out Parquet file or folder for periodic evaluation; unset: no evaluation."""
+    items_path: str | None = None
+    """Item catalogue (Parquet, one row per item: its id and item-side feature columns) that
+    retrieval models rank every evaluation row against; required to evaluate them."""
     batch_size: int = 512
     """Rows per batch on each rank."""
     eval_batch_size: int | None = None

@@ -52,6 +52,8 @@ def _columns(schema: FeatureSchema) -> list[_Column]:
     cols = [_Column(name=n, key="features.label" if one else f"features.label[{i}]", role="label") for i, n in enumerate(schema.labels)]
     cols += [_Column(name=f.name, key=f"features.dense[{i}]", role="dense") for i, f in enumerate(schema.dense)]
     for i, f in enumerate(schema.sparse):
+        if f.negatives is not None:
+            continue
         key = f"features.sparse[{i}]"
         source_key = f"{key}.source" if f.source else key
         if f.cross:

@@ -54,6 +54,30 @@ class DenseFeature:
 
 
 @dataclass(kw_only=True)
+class NegativeSampling:
+    """Ids drawn for every training batch instead of read from a column: shared negatives for a
+    sampled softmax. Row 0 of the batch holds all ``num`` ids and the other rows none; outside
+    training (evaluation, item catalogues) every row is empty."""
+
+    num: int
+    """Ids drawn per batch (on each rank)."""
+    of: str
+    """The positive item feature over the same table; its training-data counts weigh ``popularity``."""
+    distribution: Literal["uniform", "popularity"] = "uniform"
+    """uniform: every row of the table alike; popularity: P(id) proportional to count(id) ** alpha."""
+    alpha: float = 0.75
+    """Exponent of the counts for ``popularity`` (word2vec's 0.75); 0 is uniform over seen ids."""
+
+    def __post_init__(self) -> None:
+        if self.num <= 0:
+            raise ConfigError(f"negatives.num must be > 0, got {self.num}")
+        if self.distribution not in ("uniform", "popularity"):
+            raise ConfigError(f"negatives.distribution must be 'uniform' or 'popularity', got '{self.distribution}'")
+        if self.alpha < 0:
+            raise ConfigError(f"negatives.alpha must be >= 0, got {self.alpha}")
+
+
+@dataclass(kw_only=True)
 class SparseFeature:
     """Ids looked up in one table: a sparse id, multi-hot, weighted, sequence, bucketized or combo feature.
 
@@ -64,13 +88,16 @@ class SparseFeature:
     - sequence: ``sequence: true``, an ordered history (oldest first) that the model reads unpooled
       through an EmbeddingCollection, cut to its ``max_len`` most recent ids;
     - bucketized: ``boundaries`` turn the numeric ``source`` column into the id of its bucket;
-    - combo: ``cross`` lists id columns whose values in one row are crossed and hashed into the table.
+    - combo: ``cross`` lists id columns whose values in one row are crossed and hashed into the table;
+    - raw: ``raw: true``, integers passed to the model as they are and looked up in no table
+      (e.g. the timestamps of a history, which HSTU turns into time-gap biases);
+    - negatives: ``negatives`` draws ids for each training batch instead of reading a column.
     """
 
     name: str
     """KeyedJaggedTensor key; also the column read, unless ``source`` names another."""
-    table: str
-    """Name of the table in ``features.tables`` this feature looks up."""
+    table: str | None = None
+    """Name of the table in ``features.tables`` this feature looks up (every feature but a raw one)."""
     source: str | None = None
     """Column to read; unset: ``name``. Lets several features read one column."""
     hash: bool = False
@@ -85,9 +112,24 @@ class SparseFeature:
     """Bucketize the numeric ``source`` column: id = number of boundaries <= value (nulls: no id)."""
     cross: list[str] | None = None
     """Id columns crossed per row and hashed into the table (a row with a null part gets no id)."""
+    raw: bool = False
+    """Integers passed through unchanged (no table, no range check); models that read them say so."""
+    negatives: NegativeSampling | None = None
+    """Draw this feature's ids per training batch (sampled-softmax negatives); it reads no column."""
 
     def __post_init__(self) -> None:
         where = f"features.sparse '{self.name}'"
+        if self.raw:
+            if self.table is not None or self.hash or self.boundaries is not None or self.cross or self.weights or self.negatives:
+                raise ConfigError(f"{where}: a raw feature has no table, hash, boundaries, cross, weights or negatives; "
+                                  "remove them or drop 'raw: true'")
+        elif self.table is None:
+            raise ConfigError(f"{where}: set 'table' (the features.tables entry it looks up), or 'raw: true' for "
+                              "integers passed to the model as they are")
+        if self.negatives is not None and (self.source or self.hash or self.boundaries is not None or self.cross
+                                           or self.weights or self.sequence or self.max_len):
+            raise ConfigError(f"{where}: a negatives feature reads no column: remove source, hash, boundaries, cross, "
+                              "weights, sequence and max_len")
         if self.max_len is not None and self.max_len <= 0:
             raise ConfigError(f"{where}: max_len must be > 0, got {self.max_len}")
         if self.boundaries is not None:
@@ -109,6 +151,8 @@ class SparseFeature:
     @property
     def columns(self) -> list[str]:
         """Every data column this feature reads."""
+        if self.negatives is not None:
+            return []
         cols = list(self.cross) if self.cross else [self.column]
         return cols + ([self.weights] if self.weights else [])
 
@@ -131,7 +175,7 @@ class FeatureSchema:
         _check_unique(tables, "features.tables")
         _check_unique([f.name for f in self.dense] + [f.name for f in self.sparse], "features")
         for i, f in enumerate(self.sparse):
-            if f.table not in tables:
+            if not f.raw and f.table not in tables:
                 raise ConfigError(
                     f"features.sparse[{i}] ('{f.name}') names table '{f.table}', which is not in "
                     f"features.tables; known tables: {', '.join(tables) or '(none)'}"
@@ -146,8 +190,24 @@ class FeatureSchema:
                     f"features.sparse '{f.name}': {len(f.boundaries)} boundaries make {len(f.boundaries) + 1} buckets, "
                     f"more than table '{f.table}' has rows; raise its num_embeddings"
                 )
+        self._check_negatives()
         if isinstance(self.label, list) and not self.label:
             raise ConfigError("features.label: a list of labels must name at least one column")
+
+    def _check_negatives(self) -> None:
+        for f in self.sparse:
+            if f.negatives is None:
+                continue
+            of = [g for g in self.sparse if g.name == f.negatives.of]
+            if not of or of[0].table != f.table or of[0].negatives is not None:
+                raise ConfigError(f"features.sparse '{f.name}': negatives.of names '{f.negatives.of}', which must be a "
+                                  f"sparse feature over the same table '{f.table}' (the positive item)")
+
+    def without_raw(self) -> FeatureSchema:
+        """This schema without its raw features (for models that read none)."""
+        if not any(f.raw for f in self.sparse):
+            return self
+        return FeatureSchema(label=self.label, dense=self.dense, sparse=[f for f in self.sparse if not f.raw], tables=self.tables)
 
     @property
     def labels(self) -> list[str]:
@@ -165,8 +225,9 @@ class FeatureSchema:
         return [f.name for f in self.sparse if not f.weights]
 
     def sequence_tables(self) -> list[str]:
-        """Tables read by a sequence feature: every feature of such a table reaches the model unpooled."""
-        return sorted({f.table for f in self.sparse if f.sequence})
+        """Tables read by a sequence or negatives feature: every feature of such a table reaches the
+        model unpooled."""
+        return sorted({f.table for f in self.sparse if (f.sequence or f.negatives) and f.table})
 
     def table(self, name: str) -> TableConfig:
         """Returns the table called ``name``."""

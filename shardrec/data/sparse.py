@@ -48,7 +48,10 @@ class _Where:
 def decode_sparse(table: pa.Table, f: SparseFeature, index: int, schema: FeatureSchema, place: str) -> SparseColumn:
     """Decodes feature ``f`` (``features.sparse[index]``) from ``table``; ``place`` names file and row group."""
     where = _Where(place, f, index)
-    rows = schema.table(f.table).num_embeddings
+    if f.negatives is not None:
+        # Drawn per training batch (shardrec.data.negatives); empty in the data itself.
+        return SparseColumn(np.zeros(table.num_rows, dtype=np.int32), np.zeros(0, dtype=np.int64))
+    rows = None if f.raw else schema.table(f.table).num_embeddings  # type: ignore[arg-type]
     if f.cross:
         col = _crossed(table, f.cross, rows, where)
     elif f.boundaries is not None:
@@ -66,7 +69,7 @@ def _column(table: pa.Table, name: str) -> pa.Array:
     return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
 
 
-def _ids_column(table: pa.Table, f: SparseFeature, rows: int, where: _Where) -> SparseColumn:
+def _ids_column(table: pa.Table, f: SparseFeature, rows: int | None, where: _Where) -> SparseColumn:
     arr = _column(table, f.column)
     is_list = isinstance(arr, _LIST_TYPES)
     if f.sequence and not is_list:
@@ -94,12 +97,14 @@ def _flatten(arr: pa.Array) -> tuple[np.ndarray, pa.Array, np.ndarray]:
     return lengths, items, keep
 
 
-def _to_ids(items: pa.Array, f: SparseFeature, rows: int, where: _Where) -> np.ndarray:
+def _to_ids(items: pa.Array, f: SparseFeature, rows: int | None, where: _Where) -> np.ndarray:
     if f.hash:
         return hash_ids(items, rows)
     if is_string_type(items.type):
         raise where.error("holds strings", f"set features.sparse[{where.index}].hash: true to hash them into the table")
     ids = items.to_numpy()
+    if rows is None:  # a raw feature: any integers
+        return ids.astype(np.int64, copy=False)
     bad = (ids < 0) | (ids >= rows)
     if bad.any():
         raise where.error(

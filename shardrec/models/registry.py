@@ -3,7 +3,10 @@
 A model module registers itself with :func:`register`; :func:`build_model` looks the name up,
 builds the model's own config from the ``model`` section of the job (every key but ``name``)
 and calls the builder. Every model's ``forward(dense_features, sparse_features)`` returns
-logits of shape ``[B]`` (or ``[B, num_tasks]`` for multi-task models).
+logits of shape ``[B]`` (or ``[B, num_tasks]`` for multi-task models); retrieval models
+(``retrieval=True``, :mod:`shardrec.models.retrieval`) return user vectors in eval mode instead.
+A model sees no raw features (``raw: true``, e.g. timestamps) unless it registers with
+``raw_features=True``.
 
 A model whose training objective is more than binary cross-entropy on its logits (a second net
 trained alongside, an auxiliary loss) returns, in training mode only, a tuple whose first element
@@ -40,18 +43,25 @@ class ModelEntry:
     builder: Builder
     multi_task: bool = False
     """Predicts one logit per label column (``[B, T]``); single-task models predict ``[B]``."""
+    retrieval: bool = False
+    """A :class:`shardrec.models.retrieval.RetrievalModel`: user and item vectors, ranked over a catalogue."""
+    raw_features: bool = False
+    """Receives the schema's raw features; other models get ``schema.without_raw()``."""
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register(name: str, config_cls: type, *, multi_task: bool = False) -> Callable[[F], F]:
+def register(
+    name: str, config_cls: type, *, multi_task: bool = False, retrieval: bool = False, raw_features: bool = False
+) -> Callable[[F], F]:
     """Registers ``builder(config, *, schema, device) -> nn.Module`` under ``name``."""
 
     def wrap(builder: F) -> F:
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
-        _REGISTRY[name] = ModelEntry(name=name, config_cls=config_cls, builder=builder, multi_task=multi_task)
+        _REGISTRY[name] = ModelEntry(name=name, config_cls=config_cls, builder=builder, multi_task=multi_task,
+                                     retrieval=retrieval, raw_features=raw_features)
         return builder
 
     return wrap
@@ -79,7 +89,7 @@ def model_config(name: str, params: dict[str, Any]) -> Any:
 def build_model(name: str, params: dict[str, Any], *, schema: FeatureSchema, device: torch.device) -> nn.Module:
     """Builds registered model ``name`` with ``params`` for ``schema`` on ``device``."""
     entry = get(name)
-    return entry.builder(model_config(name, params), schema=schema, device=device)
+    return entry.builder(model_config(name, params), schema=schema if entry.raw_features else schema.without_raw(), device=device)
 
 
 def training_loss(

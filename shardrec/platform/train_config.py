@@ -7,6 +7,7 @@ from typing import Literal
 
 from shardrec.errors import ConfigError
 from shardrec.platform.optim import DenseOptimizerConfig, SparseOptimizerConfig
+from shardrec.platform.retrieval_eval import RetrievalEvalConfig
 from shardrec.platform.schedule import LRScheduleConfig
 
 
@@ -38,6 +39,8 @@ class TrainConfig:
     """Optimizer of everything else."""
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     """Warm-up and decay of both optimizers' learning rates."""
+    retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+    """Full-ranking evaluation of retrieval models (ignored by the others)."""
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):

@@ -17,7 +17,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from tqdm import tqdm
 
 from shardrec.data.batch import Batch
-from shardrec.data.reader import ParquetReader
+from shardrec.data.negatives import NegativeSampler
+from shardrec.data.reader import ParquetReader, validate_data
 from shardrec.job import JobConfig, dump_job
 from shardrec.models import registry
 from shardrec.platform import checkpoint
@@ -30,6 +31,7 @@ from shardrec.platform.rng import rng_states, set_rng_states
 from shardrec.platform.schedule import LRSchedule
 from shardrec.platform.saver import Saver
 from shardrec.platform.pipeline import TrainModule, eval_model, make_pipeline, resume_training
+from shardrec.platform.retrieval_eval import Catalogue, embed_catalogue, evaluate_retrieval, write_item_embeddings
 from shardrec.sharding.plan_file import load_plan
 from shardrec.sharding.objectives import collective_plan_for_objective
 from shardrec.sharding.planner import format_plan, plan_rows, save_plan, topology_spec
@@ -73,6 +75,12 @@ class Trainer:
         self.current_reader: ParquetReader | None = None
         self._per_epoch: int | None = None
         self.schedule: LRSchedule | None = None
+        self.retrieval = registry.get(job.model_name).retrieval
+        self.catalogue: Catalogue | None = None
+        self.sampler = (
+            NegativeSampler(job.features, train_files=validate_data(data.train, job.features), seed=job.train.seed, rank=ctx.rank)
+            if NegativeSampler.active(job.features) else None
+        )
         cfg = job.checkpoint
         self.saver = Saver(
             run_dir / "checkpoints", is_main=ctx.is_main, keep_last_n=cfg.keep_last_n, asynchronous=cfg.async_save,
@@ -158,10 +166,12 @@ class Trainer:
         """
         per_epoch = self.batches_per_epoch()
         epoch, offset = divmod(start_step, per_epoch)
+        step = start_step
         while True:
             self.current_reader = self.reader(start_batch=offset, epoch=epoch)
             for batch in self.current_reader:
-                yield batch
+                step += 1
+                yield batch if self.sampler is None else self.sampler.fill(batch, step)
             epoch, offset = epoch + 1, 0
 
     def warm_start(self) -> None:
@@ -226,6 +236,7 @@ class Trainer:
         rate = progress.measured()
         if self.data.eval is not None:
             result_eval = self.evaluate(pipeline)
+            self._export_items()
         if self.job.checkpoint.enabled:
             last_ckpt = self.save()
         self.saver.close()
@@ -243,11 +254,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, pipeline: TrainPipeline) -> dict[str, float] | None:
-        """AUC and log loss over the evaluation data of every rank."""
+        """AUC and log loss over the evaluation data of every rank (retrieval models: recall, hit
+        rate, NDCG and MRR at k over the item catalogue)."""
         if self.data.eval is None:
             return None
         model = eval_model(pipeline)
         model.eval()
+        if self.retrieval:
+            metrics = self._evaluate_retrieval(model)
+            model.train()
+            resume_training(pipeline)
+            return metrics
         batches = self.eval_reader()
         logits, labels = [], []
         for batch in itertools.islice(batches, self.job.train.eval_batches):
@@ -261,6 +278,29 @@ class Trainer:
         if self.ctx.is_main:
             tqdm.write(f"step {self.step}: eval auc {metrics['auc']:.4f} log_loss {metrics['log_loss']:.4f}")
         return metrics
+
+    def _evaluate_retrieval(self, model: nn.Module) -> dict[str, float]:
+        job = self.job
+        cfg = job.train.retrieval
+        # DMP -> TrainModule -> the zoo model, whose sharded collections run eagerly once detached.
+        retrieval_model = model.module.model
+        assert job.data.items_path is not None
+        self.catalogue = embed_catalogue(retrieval_model, job.data.items_path, job.features, batch_size=cfg.item_batch_size,
+                                         device=self.ctx.device)
+        batches = itertools.islice(self.eval_reader(), job.train.eval_batches)
+        metrics = evaluate_retrieval(retrieval_model, batches, self.catalogue, cfg, device=self.ctx.device)
+        self.log.write("eval", step=self.step, **metrics)
+        if self.ctx.is_main:
+            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k or k == "mrr")
+            tqdm.write(f"step {self.step}: eval {shown} ({metrics['rows']} rows, {metrics['items']} items)")
+        return metrics
+
+    def _export_items(self) -> None:
+        """Writes the last evaluation's item vectors for an ANN index (rank 0)."""
+        if self.catalogue is not None and self.job.train.retrieval.export_items and self.ctx.is_main:
+            path = self.run_dir / "item_embeddings.parquet"
+            write_item_embeddings(path, self.catalogue)
+            print(f"item embeddings: {path} ({len(self.catalogue.ids)} items)", flush=True)
 
     def save(self) -> Path | None:
         """Writes a checkpoint of the current step."""

@@ -117,8 +117,8 @@ class PrepareReport:
                 lines.append(f"  {name}: {split.rows:,} rows in {split.path}")
                 lines += [f"    {label}: {_balance(n, split.rows)}" for label, n in split.positives.items()]
         lines.append("  sparse features (distinct ids -> table rows):")
-        for f in self.schema.sparse:
-            table = self.schema.table(f.table)
+        for f in _looked_up(self.schema.sparse):
+            table = self.schema.table(f.table)  # type: ignore[arg-type]
             lines.append(f"    {f.name}: {self.cardinalities[f.name]:,} -> {table.name} [{table.num_embeddings:,} x {table.embedding_dim}]")
         return "\n".join(lines)
 
@@ -401,7 +401,7 @@ def finish(layout: Layout, *, work: Path, output: Path, dataset: str) -> Prepare
 
 
 def _scan(layout: Layout, work: Path) -> _Scan:
-    scan = _Scan(ids={f.name: np.empty(0, np.int64) for f in layout.sparse})
+    scan = _Scan(ids={f.name: np.empty(0, np.int64) for f in _looked_up(layout.sparse)})
     for split, rel in (("train", layout.train), ("eval", layout.eval)):
         if rel is None:
             continue
@@ -412,20 +412,26 @@ def _scan(layout: Layout, work: Path) -> _Scan:
     return scan
 
 
+def _looked_up(sparse: list[SparseFeature]) -> list[SparseFeature]:
+    """The features whose column holds table ids: not raw ones, not drawn negatives."""
+    return [f for f in sparse if not f.raw and f.negatives is None]
+
+
 def _parquet_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
 
 
 def _scan_file(file: Path, layout: Layout, scan: _Scan, positives: dict[str, int]) -> int:
     """Adds one file's labels and ids to the counts; returns its rows."""
-    columns = list(dict.fromkeys([*layout.labels, *(f.column for f in layout.sparse)]))
+    sparse = _looked_up(layout.sparse)
+    columns = list(dict.fromkeys([*layout.labels, *(f.column for f in sparse)]))
     pf = pq.ParquetFile(file)
-    found: dict[str, list[np.ndarray]] = {f.name: [] for f in layout.sparse}
+    found: dict[str, list[np.ndarray]] = {f.name: [] for f in sparse}
     for g in range(pf.num_row_groups):
         table = pf.read_row_group(g, columns=columns)
         for label in layout.labels:
             positives[label] += int(pc.sum(table.column(label)).as_py() or 0)
-        for f in layout.sparse:
+        for f in sparse:
             found[f.name].append(np.unique(_feature_ids(table.column(f.column), f, file)))
     for name, parts in found.items():
         scan.ids[name] = np.unique(np.concatenate([scan.ids[name], *parts]))
@@ -449,8 +455,8 @@ def _feature_ids(col: pa.ChunkedArray, f: SparseFeature, file: Path) -> np.ndarr
 def _tables(layout: Layout, scan: _Scan) -> list[TableConfig]:
     """One table per table name, in order of first use, sized from the ids bound to it."""
     tables = []
-    for name in dict.fromkeys(f.table for f in layout.sparse):
-        bound = [f for f in layout.sparse if f.table == name]
+    for name in dict.fromkeys(f.table for f in layout.sparse if not f.raw):
+        bound = [f for f in _looked_up(layout.sparse) if f.table == name]
         ids = np.unique(np.concatenate([scan.ids[f.name] for f in bound]))
         rows = max(_table_rows(bound, ids, layout.hash_rows), layout.vocab_sizes.get(name, 0))
         tables.append(TableConfig(name=name, num_embeddings=rows, embedding_dim=layout.embedding_dim,
