@@ -53,7 +53,8 @@ def prepare_dataset(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if overrides:
         raise ConfigError(f"shardrec data prepare takes no --section.key=value overrides, got {overrides[0]!r}")
-    names = ("split", "hash_rows", "embedding_dim", "negatives", "seed", "eval_file")
+    names = ("split", "hash_rows", "embedding_dim", "negatives", "seed", "eval_file", "rows", "max_history", "title_tokens",
+             "sampled_negatives")
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     report = prepare(args.dataset, input=Path(args.input), output=Path(args.output), **options)
     print(report.summary())
@@ -263,6 +264,10 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--hash-rows", type=int, help="criteo: rows of each hashed table; default 2x distinct ids")
     pr.add_argument("--embedding-dim", type=int, help="width of every table; default 16")
     pr.add_argument("--negatives", type=int, help="amazon: negative samples per positive; default 1")
+    pr.add_argument("--rows", help="movielens: rating (a row per rating, default) or user (a train and an eval row per user)")
+    pr.add_argument("--max-history", type=int, help="movielens: movies kept in each history; default 50")
+    pr.add_argument("--title-tokens", type=int, help="movielens: tokens per title for text features (HLLM); default 0: none")
+    pr.add_argument("--sampled-negatives", type=int, help="movielens: ids drawn per batch for a sampled softmax; default 0: none")
     pr.add_argument("--seed", type=int, help="seed of random splits, shuffles and negative sampling; default 0")
     pr.add_argument("--eval-file", help="criteo: the day file to hold out for eval; default the last one")
     pr.set_defaults(func=prepare_dataset)

@@ -35,11 +35,12 @@ def tiny_job_dict(tmp: Path, *, model: str = "dlrm", steps: int = 20, rows: int 
         schema = criteo_schema(num_dense=4, num_sparse=len(TINY_ROWS), rows=TINY_ROWS, dim=8)
         for f in schema.sparse:
             f.hash = False
-        schema.label = ["label", "label2"]
         train, held_out = tmp / "mt_train.parquet", tmp / "mt_eval.parquet"
         if not train.exists():
             for path, n, seed in ((train, rows, 1), (held_out, 1024, 2)):
                 generate(schema, rows=n, path=path, seed=seed, zipf_a=1.2, row_group_size=1024)
+                add_funnel_label(path)
+        schema.label = ["label", "label2"]
     elif model in SEQUENCE_MODELS:
         schema = sequence_schema()
         train, held_out = tmp / "seq_train.parquet", tmp / "seq_eval.parquet"
@@ -73,6 +74,13 @@ def tiny_job_dict(tmp: Path, *, model: str = "dlrm", steps: int = 20, rows: int 
 def tiny_job(tmp: Path, **kwargs: Any) -> JobConfig:
     """:func:`tiny_job_dict` built into a JobConfig."""
     return build(JobConfig, tiny_job_dict(tmp, **kwargs), key="")
+
+
+def add_funnel_label(path: Path) -> None:
+    """Adds ``label2`` to a synthetic file: ``label`` and an even C1 id, a learnable second step of a funnel."""
+    table = pq.read_table(path)
+    second = np.asarray(table["label"]) * (np.asarray(table["C1"]) % 2 == 0)
+    pq.write_table(table.append_column("label2", pa.array(second.astype(np.int8))), path, row_group_size=1024)
 
 
 SEQUENCE_MODELS = ("din", "bst", "dien")

@@ -89,6 +89,32 @@ def test_movielens_histories_are_the_previous_50_ratings(sample_data: Path, tmp_
         assert row["hist_movie_ids"] == [m for _, m in seq[max(0, i - 50) : i]]
 
 
+def test_movielens_user_rows_text_and_catalogue(sample_data: Path, tmp_path: Path) -> None:
+    report = prepare("movielens", input=sample_data / "movielens100k", output=tmp_path / "out", split="leave_last_out",
+                     rows="user", max_history=200, title_tokens=6, sampled_negatives=32)
+    assert report.train.rows == report.eval.rows == 943
+    order = _ml_order(sample_data)
+    out = tmp_path / "out"
+    items = pq.read_table(out / "items.parquet").to_pylist()
+    assert len(items) == 1682 and all(len(i["title_tokens"]) == 6 for i in items)
+    tokens = {i["movie_id"]: i["title_tokens"] for i in items}
+    vocab = pq.read_table(out / "vocab" / "token.parquet")["value"].to_pylist()
+    assert [vocab[t] for t in tokens[1] if t] == ["toy", "story", "1995", "genre:animation", "genre:children's", "genre:comedy"]
+    for split, back in (("train", 2), ("eval", 1)):
+        for row in pq.read_table(out / f"{split}.parquet").to_pylist()[:50]:
+            seq = order[row["user_id"]]
+            assert (row["timestamp"], row["movie_id"]) == seq[-back]
+            before = seq[: len(seq) - back][-200:]
+            assert row["hist_movie_ids"] == [m for _, m in before]
+            assert row["hist_timestamps"] == [t for t, _ in before]
+            assert row["hist_title_tokens"] == [t for _, m in before for t in tokens[m]]
+    job = job_from(report, {"name": "dssm"})
+    assert job.data.items_path == str(out / "items.parquet")
+    assert [f.name for f in job.features.sparse if f.raw] == ["hist_timestamps", "timestamp"]
+    assert job.features.sparse[-1].negatives.num == 32  # type: ignore[union-attr]
+    validate_parquet(out / "eval.parquet", job.features)
+
+
 def test_census_sample(sample_data: Path, tmp_path: Path) -> None:
     src = sample_data / "census_income" / "census_income_kdd_sample.csv"
     report = prepare("census", input=src, output=tmp_path / "out")

@@ -15,7 +15,9 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from helpers import SEQUENCE_MODELS, sequence_schema
+from helpers import RETRIEVAL_DATA, SEQUENCE_MODELS, retrieval_schema, sequence_schema, write_retrieval_data
+from shardrec.data.negatives import NegativeSampler
+from shardrec.data.reader import ParquetReader
 from shardrec.data.schema import FeatureSchema, SparseFeature, TableConfig, criteo_schema
 from shardrec.errors import ConfigError
 from shardrec.models import layers, registry
@@ -33,7 +35,24 @@ def _schema() -> FeatureSchema:
 
 def _schema_for(name: str) -> FeatureSchema:
     # Sequence models read a history and a target over one table; sequence_schema's tables have >= ROWS rows.
+    if registry.get(name).retrieval:
+        return retrieval_schema(dim=DIM, **RETRIEVAL_DATA.get(name, {}))
+    if registry.get(name).multi_task:
+        schema = _schema()
+        schema.label = ["click", "conversion"]
+        return schema
     return sequence_schema(dim=DIM) if name in SEQUENCE_MODELS else _schema()
+
+
+def _retrieval_batch(tmp: Path, name: str, batch: int) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+    """One batch of the retrieval test data, negatives drawn, as the trainer feeds it."""
+    options = RETRIEVAL_DATA.get(name, {})
+    schema = retrieval_schema(dim=DIM, **options)
+    path = write_retrieval_data(rows=batch, path=tmp / "ret.parquet", seed=3, **options)
+    b = next(iter(ParquetReader(path, schema=schema, batch_size=batch, prefetch=0)))
+    if NegativeSampler.active(schema):
+        b = NegativeSampler(schema, train_files=[path], seed=0, rank=0).fill(b, 1)
+    return b.dense_features, b.sparse_features
 
 
 def _params(name: str) -> dict[str, Any]:
@@ -76,20 +95,29 @@ def test_builds_on_meta(name: str) -> None:
     assert params and all(p.is_meta for p in params)
 
 
-def test_forward_backward_on_cpu(name: str) -> None:
+def test_forward_backward_on_cpu(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     schema = _schema_for(name)
     model = _build(name, schema)
     gen = torch.Generator().manual_seed(1)
     batch = 6
-    outputs = model(torch.randn(batch, len(schema.dense), generator=gen), _kjt(schema.sparse_names, batch, gen))
-    loss, logits = registry.training_loss(model, outputs, torch.randint(0, 2, (batch,), generator=gen).float())
-    assert logits.shape == (batch,)
-    assert torch.isfinite(logits).all()
+    tasks = len(schema.labels)
+    if registry.get(name).retrieval:
+        dense, kjt = _retrieval_batch(tmp_path, name, batch)
+    else:
+        dense, kjt = torch.randn(batch, len(schema.dense), generator=gen), _kjt(schema.sparse_names, batch, gen)
+    outputs = model(dense, kjt)
+    labels = torch.randint(0, 2, (batch, tasks) if tasks > 1 else (batch,), generator=gen).float()
+    loss, logits = registry.training_loss(model, outputs, labels)
+    if registry.get(name).retrieval:
+        assert logits.dim() == 1 and outputs.user.shape[0] == outputs.item.shape[0] == logits.shape[0] >= batch
+    else:
+        assert logits.shape == labels.shape
+    assert torch.isfinite(logits).all() and torch.isfinite(loss)
     loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {pname}"
-    assert any("embedding_bags" in n for n, _ in model.named_parameters())
+    assert any("embedding" in n for n, _ in model.named_parameters())
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())
 
 
@@ -159,7 +187,7 @@ def test_deep_layer_sizes_must_be_positive(model_name: str) -> None:
         registry.model_config(model_name, {"deep_layer_sizes": [8, 0]})
 
 
-def test_loss_falls_on_planted_signal(name: str) -> None:
+def test_loss_falls_on_planted_signal(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     schema = _schema_for(name)
     model = _build(name, schema)
@@ -171,8 +199,13 @@ def test_loss_falls_on_planted_signal(name: str) -> None:
     kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=keys, values=ids.t().flatten(), lengths=torch.ones(len(keys) * batch, dtype=torch.long)
     )
-    # The label depends on one sparse id and one dense column.
+    # The label depends on one sparse id and one dense column (a second task: on another id).
     labels = ((ids[:, 0] < ROWS // 2) ^ (dense[:, 0] > 1.0)).float()
+    if len(schema.labels) > 1:
+        labels = torch.stack([labels, labels * (ids[:, 1] < ROWS // 2).float()], dim=1)
+    if registry.get(name).retrieval:
+        # Histories and next items share one of 4 item groups (tests/helpers.py).
+        dense, kjt = _retrieval_batch(tmp_path, name, batch)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     losses = []
     for _ in range(30):

@@ -16,7 +16,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,8 @@ class Layout:
     that no written row uses (e.g. a user whose only event makes no sample)."""
     pooling: dict[str, str] = field(default_factory=dict)
     """Pooling of a table other than sum, by table name (e.g. mean for a table a long history reads)."""
+    items: str | None = None
+    """Item catalogue Parquet file, relative to the output folder (``data.items_path``); None: none."""
 
 
 @dataclass(kw_only=True)
@@ -384,7 +386,8 @@ def finish(layout: Layout, *, work: Path, output: Path, dataset: str) -> Prepare
     )
     paths = {"train": output / layout.train, "eval": output / layout.eval if layout.eval else None}
     note = f"shardrec data prepare {dataset}"
-    write_schema_yaml(work / SCHEMA_FILE, schema, train_path=paths["train"], eval_path=paths["eval"], note=note, final=output / SCHEMA_FILE)
+    write_schema_yaml(work / SCHEMA_FILE, schema, train_path=paths["train"], eval_path=paths["eval"], note=note,
+                      final=output / SCHEMA_FILE, items_path=output / layout.items if layout.items else None)
     splits = {
         name: SplitReport(path=p, rows=scan.splits[name][0], positives=scan.splits[name][1])
         for name, p in paths.items() if p is not None
@@ -473,7 +476,8 @@ def _table_rows(bound: list[SparseFeature], ids: np.ndarray, hash_rows: int | No
 
 
 def write_schema_yaml(
-    path: Path, schema: FeatureSchema, *, train_path: Path, eval_path: Path | None, note: str, final: Path
+    path: Path, schema: FeatureSchema, *, train_path: Path, eval_path: Path | None, note: str, final: Path,
+    items_path: Path | None = None,
 ) -> None:
     """Writes the ``features`` and ``data`` sections of a job, leaving out fields at their defaults.
 
@@ -482,10 +486,12 @@ def write_schema_yaml(
         schema: the ``features`` section.
         train_path: ``data.train_path``.
         eval_path: ``data.eval_path``; None: left out.
+        items_path: ``data.items_path`` (the item catalogue); None: left out.
         note: what wrote the file, for its header comment.
         final: where the file will be read from, for the ``include:`` line of the header comment.
     """
     data = {"train_path": str(train_path)} | ({"eval_path": str(eval_path)} if eval_path else {})
+    data |= {"items_path": str(items_path)} if items_path else {}
     features = {
         "label": schema.label,
         "dense": [_non_default(f) for f in schema.dense],
@@ -512,7 +518,7 @@ def _non_default(obj: Any) -> dict[str, Any]:
         value = getattr(obj, f.name)
         default = f.default_factory() if callable(f.default_factory) else f.default
         if value != default:
-            out[f.name] = list(value) if isinstance(value, list) else value
+            out[f.name] = list(value) if isinstance(value, list) else _non_default(value) if is_dataclass(value) else value
     return out
 
 

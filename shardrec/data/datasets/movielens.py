@@ -19,10 +19,26 @@ One output row per rating, with columns:
   pools the history gets its average) with ``movie_id``. "Before" is in
   the user's order by (timestamp, movie_id): ratings of one second are ordered by movie id.
 
+* ``hist_timestamps``, ``timestamp``: the history's and the rating's unix times, as raw features
+  (no table: HSTU turns them into time-gap biases; other models do not see them).
+* with ``--title-tokens T``: ``title_tokens``, the movie's title words, release year and genre
+  names as T token ids (0 pads; table ``token``, vocabulary ``vocab/token.parquet``), and
+  ``hist_title_tokens``, the history movies' tokens one after another (for HLLM).
+* with ``--sampled-negatives N``: a feature ``neg_movie_ids`` with no column whose N ids per batch
+  are drawn during training (uniform over the movie table), for sampled-softmax retrieval.
+
+``items.parquet`` is the item catalogue that retrieval models rank every eval row against
+(``data.items_path``): one row per movie with ``movie_id``, ``genres`` (and ``title_tokens``).
+
 Splits (``--split``), per user, in that same order:
 
 * ``time`` (default): the last 20% (rounded down) of each user's ratings are eval, the rest train.
 * ``leave_last_out``: each user's last rating is eval, the rest train (for sequence models).
+
+Rows (``--rows``): ``rating`` (default) writes a row per rating; ``user`` (with leave_last_out)
+one train and one eval row per user, the sequential recommenders' layout: the train row predicts
+the user's second-to-last movie from all before it (a model trained on every position learns each
+next movie of the history from it), the eval row the last movie from all before it.
 
 Histories are built over all of a user's ratings, so an eval row's history may hold earlier eval
 ratings: each row sees exactly what came before it. Train rows are shuffled (``--seed``), as the
@@ -31,6 +47,7 @@ reader reads in file order; eval rows stay in (user, time) order.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -48,12 +65,14 @@ from shardrec.data.datasets.common import (
     read_parquet,
     require_file,
     vocabulary,
+    write_parquet,
     write_split,
     write_vocab,
 )
-from shardrec.data.schema import DenseFeature, SparseFeature
-from shardrec.errors import DataError
+from shardrec.data.schema import DenseFeature, NegativeSampling, SparseFeature
+from shardrec.errors import ConfigError, DataError
 
+ITEMS_FILE = "items.parquet"
 EXPECTS = "a MovieLens-100k folder with ratings.parquet, users.parquet and items.parquet"
 GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -71,8 +90,25 @@ class MovieLensOptions(BaseOptions):
 
     split: Literal["time", "leave_last_out"] = "time"
     """``time``: each user's last 20% of ratings are eval; ``leave_last_out``: each user's last one."""
+    rows: Literal["rating", "user"] = "rating"
+    """``rating``: a row per rating; ``user``: a train and an eval row per user (leave_last_out only)."""
+    max_history: int = MAX_HISTORY
+    """Movies kept in each history (the most recent)."""
+    title_tokens: int = 0
+    """Tokens per movie title (0: no text features)."""
+    sampled_negatives: int = 0
+    """Ids drawn per training batch for a sampled softmax (0: no negatives feature)."""
     seed: int = 0
     """Seed of the shuffle of the train rows."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rows not in ("rating", "user"):
+            raise ConfigError(f"--rows must be 'rating' or 'user', got '{self.rows}'")
+        if self.rows == "user" and self.split != "leave_last_out":
+            raise ConfigError("--rows user needs --split leave_last_out (one train and one eval row per user)")
+        if self.max_history <= 0 or self.title_tokens < 0 or self.sampled_negatives < 0:
+            raise ConfigError("--max-history must be > 0, --title-tokens and --sampled-negatives >= 0")
 
 
 def prepare_movielens(src: Path, work: Path, options: MovieLensOptions) -> Layout:
@@ -86,10 +122,63 @@ def prepare_movielens(src: Path, work: Path, options: MovieLensOptions) -> Layou
         write_vocab(work, name, vocab)
     genres, n_movies = _genres_of(ratings["movie_id"], src / "items.parquet")
     table = _join_users(ratings, users, vocabs, src).append_column("genres", genres)
-    table = table.append_column("hist_movie_ids", previous_values(ratings["user_id"], ratings["movie_id"], max_len=MAX_HISTORY))
-    write_split(table, _eval_mask(ratings["user_id"], options.split), work, rng=np.random.default_rng(options.seed))
+    history = {"hist_movie_ids": "movie_id", "hist_timestamps": "timestamp"}
+    for name, column in history.items():
+        table = table.append_column(name, previous_values(ratings["user_id"], ratings[column], max_len=options.max_history))
+    catalogue = _catalogue(src / "items.parquet")
     sizes = {"user": pc.max(users["user_id"]).as_py() + 1, "movie": n_movies, "genre": len(GENRES)}
+    if options.title_tokens:
+        catalogue, table, sizes["token"] = _add_title_tokens(src / "items.parquet", catalogue, table, options.title_tokens, work)
+    write_parquet(catalogue, work / ITEMS_FILE)
+    is_eval = _eval_mask(ratings["user_id"], options.split)
+    if options.rows == "user":
+        keep = group_last(ratings["user_id"], count=2)
+        table, is_eval = table.filter(pa.array(keep)), is_eval[keep]
+    write_split(table, is_eval, work, rng=np.random.default_rng(options.seed))
     return _layout(options, vocab_sizes=sizes | {name: len(vocab) for name, vocab in vocabs.items()})
+
+
+def _catalogue(path: Path) -> pa.Table:
+    """One row per movie: movie_id and its genre ids."""
+    items = read_parquet(path, columns=["movie_id", *GENRES])
+    ids = _int_column(items, "movie_id", path)
+    genres, _ = _genres_of(ids, path)
+    return pa.table({"movie_id": pa.array(ids), "genres": genres})
+
+
+def _add_title_tokens(src: Path, catalogue: pa.Table, table: pa.Table, length: int, work: Path) -> tuple[pa.Table, pa.Table, int]:
+    """Adds ``title_tokens`` to the catalogue and ``title_tokens``/``hist_title_tokens`` to the rows;
+    returns both and the token table's rows (vocabulary size, padding included)."""
+    items = read_parquet(src, columns=["movie_id", "movie_title", *GENRES])
+    words = [_title_words(t, [g for g in GENRES if row[g]]) for t, row in zip(items["movie_title"].to_pylist(), items.select(GENRES).to_pylist())]
+    vocab = ["<pad>", *sorted({w for ws in words for w in ws})]
+    index = {w: i for i, w in enumerate(vocab)}
+    tokens = np.zeros((len(words), length), dtype=np.int64)
+    for i, ws in enumerate(words):
+        ids = [index[w] for w in ws[:length]]
+        tokens[i, : len(ids)] = ids
+    write_vocab(work, "token", pa.array(vocab))
+    ids = _int_column(items, "movie_id", src)
+    rows_of = np.full(int(ids.max()) + 1, -1)
+    rows_of[ids] = np.arange(len(ids))
+    catalogue = catalogue.append_column("title_tokens", _fixed_lists(tokens[rows_of[catalogue["movie_id"].to_numpy()]].reshape(-1), length))
+    hist = table["hist_movie_ids"].combine_chunks()
+    hist_tokens = tokens[rows_of[pc.list_flatten(hist).to_numpy()]].reshape(-1)
+    offsets = np.asarray(hist.offsets) * length
+    table = table.append_column("title_tokens", _fixed_lists(tokens[rows_of[table["movie_id"].to_numpy()]].reshape(-1), length))
+    table = table.append_column("hist_title_tokens", pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(hist_tokens)))
+    return catalogue, table, len(vocab)
+
+
+def _title_words(title: str | None, genres: list[str]) -> list[str]:
+    """Lower-case words of a title (the year in parentheses becomes a word) and its genre names."""
+    return re.findall(r"[a-z0-9']+", (title or "").lower()) + [f"genre:{g.lower()}" for g in genres]
+
+
+def _fixed_lists(values: np.ndarray, length: int) -> pa.ListArray:
+    """Consecutive runs of ``length`` values as a list column."""
+    offsets = np.arange(0, len(values) + 1, length, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _ratings(path: Path) -> dict[str, np.ndarray]:
@@ -180,11 +269,26 @@ def _layout(options: MovieLensOptions, *, vocab_sizes: dict[str, int]) -> Layout
             SparseFeature(name="age_bucket", table="age_bucket", source="age", boundaries=list(AGE_BOUNDARIES)),
             *(SparseFeature(name=name, table=name) for name in _CATEGORIES),
             SparseFeature(name="genres", table="genre"),
-            SparseFeature(name="hist_movie_ids", table="movie", sequence=True, max_len=MAX_HISTORY),
+            SparseFeature(name="hist_movie_ids", table="movie", sequence=True, max_len=options.max_history),
+            SparseFeature(name="hist_timestamps", raw=True, sequence=True, max_len=options.max_history),
+            SparseFeature(name="timestamp", raw=True),
+            *_text_features(options),
+            *([SparseFeature(name="neg_movie_ids", table="movie",
+                             negatives=NegativeSampling(num=options.sampled_negatives, of="movie_id"))]
+              if options.sampled_negatives else []),
         ],
         train="train.parquet",
         eval="eval.parquet",
+        items=ITEMS_FILE,
         embedding_dim=options.embedding_dim,
         vocab_sizes=vocab_sizes,
         pooling={"movie": "mean"},
     )
+
+
+def _text_features(options: MovieLensOptions) -> list[SparseFeature]:
+    t = options.title_tokens
+    if not t:
+        return []
+    return [SparseFeature(name="title_tokens", table="token", sequence=True, max_len=t),
+            SparseFeature(name="hist_title_tokens", table="token", sequence=True, max_len=options.max_history * t)]
