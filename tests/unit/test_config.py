@@ -18,7 +18,7 @@ from shardrec.models import registry
 from shardrec.platform.train_config import TrainConfig
 
 TRAIN_KEYS = (
-    "dense_optimizer, epochs, eval_batches, eval_interval, log_interval, lr_schedule, pipeline, progress_bar, seed, "
+    "dense_optimizer, epochs, eval_batches, eval_interval, log_interval, lr_schedule, pipeline, progress_bar, retrieval, seed, "
     "sparse_optimizer, steps, timeout_s"
 )
 
@@ -307,7 +307,7 @@ def test_to_dict_turns_paths_into_strings_and_recurses() -> None:
     assert to_dict({"p": Path("/x/y"), "s": [schema]}) == {
         "p": "/x/y",
         "s": [{"label": "label", "dense": [], "sparse": [{"name": "a", "table": "t", "source": None, "hash": False, "weights": None, "sequence": False,
-                                                  "max_len": None, "boundaries": None, "cross": None}],
+                                                  "max_len": None, "boundaries": None, "cross": None, "raw": False, "negatives": None}],
                "tables": [{"name": "t", "num_embeddings": 3, "embedding_dim": 2, "pooling": "sum"}]}],
     }
 

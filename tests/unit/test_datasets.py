@@ -49,7 +49,7 @@ def no_leftovers(folder: Path) -> bool:
 
 
 def test_registry_lists_every_dataset_and_rejects_unknown_names(tmp_path: Path) -> None:
-    assert names() == ["aliccp", "amazon", "census", "criteo", "movielens"]
+    assert names() == ["aliccp", "amazon", "census", "criteo", "movielens", "movielens_funnel"]
     with pytest.raises(ConfigError, match="unknown dataset 'netflix'; known datasets: aliccp, amazon, census, criteo, movielens"):
         prepare("netflix", input=tmp_path, output=tmp_path / "out")
 
@@ -195,7 +195,10 @@ def test_movielens_rows_histories_and_time_split(tmp_path: Path) -> None:
     assert report.schema.table("movie").num_embeddings == 61 and report.schema.features_of("movie") == ["movie_id", "hist_movie_ids"]
     assert report.schema.table("genre").num_embeddings == 19
     job = load_job(report)
-    assert job.features.sparse[-1].sequence and job.features.sparse[-1].max_len == 50
+    hist = next(f for f in job.features.sparse if f.name == "hist_movie_ids")
+    assert hist.sequence and hist.max_len == 50
+    assert [f.name for f in job.features.sparse if f.raw] == ["hist_timestamps", "timestamp"]
+    assert job.data.items_path == str(tmp_path / "out" / "items.parquet")
     assert pq.read_table(tmp_path / "out" / "vocab" / "zip3.parquet").to_pylist()[2] == {"id": 2, "value": "T8H"}
 
 

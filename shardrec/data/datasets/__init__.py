@@ -26,6 +26,7 @@ from typing import Any
 
 from shardrec.config import build
 from shardrec.data.datasets import aliccp, amazon, census, criteo, movielens
+from shardrec.data.datasets import movielens_funnel
 from shardrec.data.datasets.common import Layout, PrepareReport, finish, staging
 from shardrec.errors import ConfigError, DataError
 
@@ -48,6 +49,10 @@ _PREPARERS: dict[str, Preparer] = {
     "census": Preparer(options=census.CensusOptions, run=census.prepare_census, expects=census.EXPECTS),
     "aliccp": Preparer(options=aliccp.AliCCPOptions, run=aliccp.prepare_aliccp, expects=aliccp.EXPECTS),
     "amazon": Preparer(options=amazon.AmazonOptions, run=amazon.prepare_amazon, expects=amazon.EXPECTS),
+    "movielens_funnel": Preparer(
+        options=movielens_funnel.MovieLensFunnelOptions, run=movielens_funnel.prepare_movielens_funnel,
+        expects=movielens_funnel.EXPECTS,
+    ),
 }
 
 

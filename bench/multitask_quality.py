@@ -1,0 +1,127 @@
+"""Click AUC, conversion AUC, log loss, training samples/s and parameters of the five multi-task
+models on the MovieLens-100k funnel.
+
+One protocol for all models, the one of bench/model_quality.py: `shardrec data prepare
+movielens_funnel` (every rating an impression with click 1, one sampled unrated movie per rating
+with click 0, conversion = rating >= 4; each user's last 20% of ratings, with their sampled movies,
+as test), each model's own config file with its MLPs set to the same widths (a 64-wide shared
+layer or expert and a 32-wide tower, or 64-32 towers where the model has towers only), embedding
+dim 16, the same epochs, batch and optimizers, equal task weights, 2 gloo ranks. A job file per
+model is written to ``<work>/jobs/`` and trained in this process's spawned ranks;
+``shardrec train <work>/jobs/<model>.yaml --nproc 2`` trains the same job through the CLI. Prints
+a markdown table. Usage:
+
+    python bench/multitask_quality.py [--models mmoe,esmm] [--epochs 2] [--work /tmp/shardrec-mtl]
+
+The MovieLens folder is ``$SHARDREC_SAMPLE_DATA/movielens100k`` unless ``--input`` names another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model_quality import CONFIGS, _rank, parameters  # bench/ is on sys.path when a bench runs
+from shardrec.cli import main as cli_main
+from shardrec.data.prepare import resolve_data
+from shardrec.job import load_job
+from shardrec.launch.spawn import run_ranks
+
+MODELS = ["sharedbottom", "mmoe", "ple", "esmm", "aitm"]
+SHARED, TOWER = [64], [32]
+# Every model's MLPs at the same widths; other keys stay as in the model's config file.
+MLP_KEYS: dict[str, dict[str, Any]] = {
+    "sharedbottom": {"bottom_layer_sizes": SHARED, "tower_layer_sizes": TOWER},
+    "mmoe": {"expert_layer_sizes": SHARED, "tower_layer_sizes": TOWER},
+    "ple": {"expert_layer_sizes": SHARED, "tower_layer_sizes": TOWER},
+    "esmm": {"tower_layer_sizes": SHARED + TOWER},
+    "aitm": {"tower_layer_sizes": SHARED + TOWER},
+}
+
+
+def prepare(src: Path, out: Path) -> Path:
+    """The converted funnel folder's schema.yaml, converting once."""
+    schema = out / "schema.yaml"
+    if not schema.is_file():
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = cli_main(["data", "prepare", "movielens_funnel", "--input", str(src), "--output", str(out)])
+        if rc != 0:
+            raise SystemExit(f"data prepare movielens_funnel failed on {src}")
+    return schema
+
+
+def model_section(name: str) -> dict[str, Any]:
+    """``configs/<name>.yaml``'s model section with the shared MLP widths and equal task weights."""
+    model = dict(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"])
+    return model | MLP_KEYS[name] | {"task_weights": None}
+
+
+def write_job(name: str, *, schema: Path, work: Path, epochs: int) -> Path:
+    """Writes the job of model ``name`` under the shared protocol; returns its path."""
+    job = {
+        "include": [str(schema)],
+        "model": model_section(name),
+        "data": {"batch_size": 256},
+        "train": {
+            "steps": None, "epochs": epochs, "progress_bar": False, "seed": 0,
+            "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.05},
+            "dense_optimizer": {"name": "adam", "lr": 0.001},
+        },
+        "checkpoint": {"enabled": False},
+        "run": {"root": str(work / "runs")},
+    }
+    path = work / "jobs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, Any]:
+    """Trains and evaluates one model; returns its table row."""
+    path = write_job(name, schema=schema, work=work, epochs=epochs)
+    job = resolve_data(load_job(path, []))
+    run_dir = work / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = run_ranks(_rank, job, run_dir, world_size=2, timeout=1800)[0]
+    embedding, dense = parameters(job)
+    assert result.eval is not None
+    return {"model": name, "click_auc": result.eval["auc_task0"], "conversion_auc": result.eval["auc_task1"],
+            "log_loss": result.eval["log_loss"], "rows": int(result.eval["rows"]), "samples_per_s": result.samples_per_s,
+            "embedding": embedding, "dense": dense, "wall_s": time.perf_counter() - start, "job": path}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated; default: all 5")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--input", type=Path, default=Path(os.environ.get("SHARDREC_SAMPLE_DATA", "../shared/data")) / "movielens100k")
+    p.add_argument("--work", type=Path, default=Path("/tmp/shardrec-mtl"))
+    args = p.parse_args()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    schema = prepare(args.input, args.work / "movielens_funnel")
+    print("| model | click AUC | conversion AUC | log loss | train samples/s | parameters (dense) | command |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        r = run_model(name, schema=schema, work=args.work, epochs=args.epochs)
+        conversion = f"{r['conversion_auc']:.4f}" + (" ¹" if name == "esmm" else "")
+        print(f"| {name} | {r['click_auc']:.4f} | {conversion} | {r['log_loss']:.4f} | {r['samples_per_s']:,.0f} | "
+              f"{r['embedding'] + r['dense']:,} ({r['dense']:,}) | `shardrec train {r['job']} --nproc 2` |", flush=True)
+    print(f"\n¹ ESMM's second output is pCTCVR = pCTR * pCVR, so its conversion AUC is the CTCVR AUC over every "
+          f"impression (conversion implies click in the funnel, so the labels are the same).\n"
+          f"Log loss: the mean of the two tasks'. Test rows: {r['rows']:,}; {args.epochs} epochs, batch 256 per rank, "
+          f"2 gloo ranks, embedding dim 16.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""HR@10, NDCG@10 (and Recall@50, MRR) of every retrieval model on MovieLens-100k, full ranking.
+
+One protocol for all models (docs/models.md): leave-last-out per user (each user's last rating is
+the test item, ranked against all 1,682 movies of the catalogue; nothing excluded), embedding dim
+16, the same epochs, optimizers and learning rates, 2 gloo ranks. Two layouts of the same training
+ratings:
+
+* sequential models (sasrec, gru4rec, hstu, hllm) read one row per user (``--rows user``, the last
+  200 movies) and learn every next movie of it, as their papers train;
+* the others read one row per rating (the last 50 movies as history): with as many (history, next
+  movie) pairs per epoch as the per-user rows give.
+
+Each model reads only the features its item and user sides need: the rated movie's genres and
+title tokens describe the item, so only item towers (DSSM's genres, HLLM's titles) see them; a user
+tower that saw them would see the answer. A job file per model is written to ``<work>/jobs/``;
+``shardrec train <work>/jobs/<model>.yaml --nproc 2`` trains the same job through the CLI. Usage:
+
+    python bench/retrieval_quality.py [--models sasrec,hstu] [--epochs 10] [--work /tmp/shardrec-retrieval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_quality import _rank, parameters  # noqa: E402
+
+from shardrec.cli import main as cli_main  # noqa: E402
+from shardrec.data.prepare import resolve_data  # noqa: E402
+from shardrec.job import load_job  # noqa: E402
+from shardrec.launch.spawn import run_ranks  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SEQUENTIAL = ["sasrec", "gru4rec", "hstu", "hllm"]
+OTHERS = ["youtubednn", "dssm", "mind", "comirec_dr", "comirec_sa"]
+MODELS = SEQUENTIAL + OTHERS
+NEGATIVES = 128
+# Features each model reads besides the item id and the history: item-side attributes only where
+# an item tower reads them.
+ITEM_SIDE = {"dssm": ["genres"], "hllm": ["title_tokens", "hist_title_tokens"]}
+USER_SIDE = ["user_id", "age_bucket", "gender", "occupation", "zip3"]
+
+
+def prepare(src: Path, out: Path, *, sequential: bool) -> Path:
+    """The converted folder's schema.yaml, converting once."""
+    schema = out / "schema.yaml"
+    if not schema.is_file():
+        layout = ["--rows", "user", "--max-history", "200", "--title-tokens", "8"] if sequential else []
+        argv = ["data", "prepare", "movielens", "--input", str(src), "--output", str(out), "--split", "leave_last_out",
+                "--sampled-negatives", str(NEGATIVES), *layout]
+        with contextlib.redirect_stdout(io.StringIO()):
+            if cli_main(argv) != 0:
+                raise SystemExit(f"data prepare movielens failed on {src}")
+    return schema
+
+
+def features(name: str, schema: Path, model: dict[str, Any]) -> dict[str, Any]:
+    """The schema's features cut to what model ``name`` (config section ``model``) reads."""
+    full = yaml.safe_load(schema.read_text())["features"]
+    keep = {"movie_id", "hist_movie_ids", "hist_timestamps", "timestamp", *ITEM_SIDE.get(name, [])}
+    if model.get("loss", {}).get("kind", "in_batch") in ("sampled", "bpr"):
+        keep.add("neg_movie_ids")
+    if name not in SEQUENTIAL:
+        keep |= set(USER_SIDE)
+    sparse = [f for f in full["sparse"] if f["name"] in keep]
+    used = {f.get("table") for f in sparse}
+    return {**full, "sparse": sparse, "tables": [t for t in full["tables"] if t["name"] in used],
+            "dense": full["dense"] if name not in SEQUENTIAL else []}
+
+
+def write_job(name: str, *, schema: Path, work: Path, epochs: int) -> Path:
+    """Writes the job of model ``name`` under the shared protocol; returns its path."""
+    model = dict(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"])
+    job = {
+        "include": [str(schema)],
+        "features": features(name, schema, model),
+        "model": model,
+        "data": {"batch_size": 64 if name in SEQUENTIAL else 256},
+        "train": {
+            "steps": None, "epochs": epochs, "progress_bar": False, "seed": 0,
+            "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.05},
+            "dense_optimizer": {"name": "adam", "lr": 0.001},
+            "retrieval": {"ks": [10, 50], "export_items": False},
+        },
+        "checkpoint": {"enabled": False},
+        "run": {"root": str(work / "runs")},
+    }
+    path = work / "jobs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, Any]:
+    """Trains and evaluates one model; returns its table row."""
+    path = write_job(name, schema=schema, work=work, epochs=epochs)
+    job = resolve_data(load_job(path, []))
+    run_dir = work / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = run_ranks(_rank, job, run_dir, world_size=2, timeout=3600)[0]
+    embedding, dense = parameters(job)
+    assert result.eval is not None
+    return {"model": name, **result.eval, "samples_per_s": result.samples_per_s, "embedding": embedding, "dense": dense,
+            "wall_s": time.perf_counter() - start, "job": path}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated; default: all {len(MODELS)}")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--input", type=Path, default=Path(os.environ.get("SHARDREC_SAMPLE_DATA", "../shared/data")) / "movielens100k")
+    p.add_argument("--work", type=Path, default=Path("/tmp/shardrec-retrieval"))
+    args = p.parse_args()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    print("| model | layout | HR@10 | NDCG@10 | Recall@50 | MRR | train rows/s | embedding params | dense params | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        sequential = name in SEQUENTIAL
+        schema = prepare(args.input, args.work / ("movielens_user" if sequential else "movielens_rating"), sequential=sequential)
+        r = run_model(name, schema=schema, work=args.work, epochs=args.epochs)
+        print(f"| {name} | {'user' if sequential else 'rating'} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r['recall@50']:.4f} | "
+              f"{r['mrr']:.4f} | {r['samples_per_s']:,.0f} | {r['embedding']:,} | {r['dense']:,} | {r['wall_s']:.0f} |", flush=True)
+    print(f"\ntest users: {r['rows']:,}, items ranked: {r['items']:,}; jobs: {args.work / 'jobs'}; "
+          f"same job through the CLI: shardrec train {args.work / 'jobs'}/<model>.yaml --nproc 2")
+
+
+if __name__ == "__main__":
+    main()

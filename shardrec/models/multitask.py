@@ -1,0 +1,178 @@
+"""Pieces the multi-task models share: the input layer over one EBC, softmax-gated experts, task
+towers, per-task loss weights and the weighted cross-entropy.
+
+A multi-task model predicts one logit per label column (``schema.labels``), in label order. In
+training mode it returns a tuple ``(logits, ...)`` so that :func:`shardrec.models.registry.training_loss`
+hands it to the model's own ``loss``, which weighs each task's binary cross-entropy by
+``task_weights``; in eval mode it returns the logits ``[B, T]`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from shardrec.data.schema import FeatureSchema
+from shardrec.errors import ConfigError
+from shardrec.models.layers import (
+    MLP,
+    build_ebc,
+    check_features,
+    check_layer_sizes,
+    embedding_output_dim,
+    pooled_by_feature,
+)
+
+
+@dataclass(kw_only=True)
+class MultiTaskConfig:
+    """Keys every multi-task model's ``model`` section has; each model's config adds its own."""
+
+    tower_layer_sizes: list[int] = field(default_factory=lambda: [32])
+    """Hidden widths of each task's tower; a width-1 logit layer follows."""
+    task_weights: list[float] | None = None
+    """Loss weight of each task, one per label in features.label order; unset: 1.0 each."""
+
+    def __post_init__(self) -> None:
+        check_layer_sizes(self.tower_layer_sizes, key="model.tower_layer_sizes")
+        check_weights_positive(self.task_weights)
+
+
+def check_weights_positive(weights: list[float] | None) -> None:
+    """Raises a ConfigError naming ``model.task_weights`` if a weight is negative (or the list is empty)."""
+    if weights is not None and (not weights or any(w < 0 for w in weights)):
+        raise ConfigError(
+            f"'model.task_weights' must be a non-empty list of weights >= 0 (or unset for equal weights), got {weights}"
+        )
+
+
+def task_weights(weights: list[float] | None, *, schema: FeatureSchema) -> list[float]:
+    """One loss weight per label column: ``weights`` checked against ``schema.labels``, or all 1.0."""
+    labels = schema.labels
+    if weights is None:
+        return [1.0] * len(labels)
+    if len(weights) != len(labels):
+        raise ConfigError(
+            f"'model.task_weights' has {len(weights)} weights but features.label lists {len(labels)} labels "
+            f"({', '.join(labels)}); give one weight per label, in that order, or leave it unset"
+        )
+    return [float(w) for w in weights]
+
+
+def require_labels(schema: FeatureSchema, *, model: str, exactly: int | None = None, at_least: int = 1) -> None:
+    """Raises a ConfigError naming ``features.label`` unless the schema has the labels ``model`` needs."""
+    labels = schema.labels
+    if exactly is not None and len(labels) != exactly:
+        raise ConfigError(
+            f"model '{model}' needs exactly {exactly} labels in features.label, got {len(labels)} ({', '.join(labels)})"
+        )
+    if len(labels) < at_least:
+        raise ConfigError(
+            f"model '{model}' needs at least {at_least} labels in features.label (one per step of the funnel), "
+            f"got {len(labels)} ({', '.join(labels)})"
+        )
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """``sum_t weights[t] * mean_b BCE(logits[b, t], labels[b, t])`` for ``[B, T]`` logits and labels."""
+    per_task = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=0)
+    return sum(w * per_task[t] for t, w in enumerate(weights))  # type: ignore[return-value]
+
+
+class MultiTaskModel(nn.Module):
+    """Base of the multi-task models: one EBC over every sparse feature, the input
+    ``x = [pooled embeddings, dense]`` and the weighted per-task loss.
+
+    Args:
+        schema: features, tables and labels (one task per label).
+        weights: ``model.task_weights`` (None: equal weights).
+        model: the registered name, for error messages.
+        device: where the weights are created.
+    """
+
+    def __init__(self, *, schema: FeatureSchema, weights: list[float] | None, model: str, device: torch.device) -> None:
+        super().__init__()
+        check_features(schema, model=model)
+        self.feature_names = schema.sparse_names
+        self.num_tasks = len(schema.labels)
+        self.task_weights = task_weights(weights, schema=schema)
+        self.ebc = build_ebc(schema, device=device)
+        self.input_dim = embedding_output_dim(schema) + len(schema.dense)
+
+    def embed(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """``[B, input_dim]``: every feature's pooled embedding, then the dense features."""
+        return torch.cat([*pooled_by_feature(self.ebc(sparse_features), self.feature_names), dense_features], dim=1)
+
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor]:
+        """``(logits,)`` in training mode, so that :meth:`loss` scores them; the logits in eval mode."""
+        return (logits,) if self.training else logits
+
+    def loss(self, outputs: tuple[Any, ...], labels: torch.Tensor) -> torch.Tensor:
+        """Per-task binary cross-entropy of ``outputs[0]`` ``[B, T]``, weighted by ``task_weights``."""
+        return weighted_bce(outputs[0], labels, self.task_weights)
+
+
+class Experts(nn.Module):
+    """``num_experts`` ReLU MLPs over one input, their outputs stacked.
+
+    Args:
+        in_features: width of the input.
+        num_experts: number of experts K.
+        layer_sizes: widths of each expert's layers; the last is the expert's output width H.
+        device: where the weights are created.
+    """
+
+    def __init__(self, in_features: int, *, num_experts: int, layer_sizes: list[int], device: torch.device) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(MLP(in_features, layer_sizes, device=device) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, K, H]`` for ``x`` ``[B, in_features]``."""
+        return torch.stack([expert(x) for expert in self.experts], dim=1)
+
+
+class Gate(nn.Module):
+    """Softmax gate: ``w(x) = softmax(W x)`` over ``num_experts`` experts (no bias, as in MMoE and PLE).
+
+    Args:
+        in_features: width of the gate's input.
+        num_experts: number of experts it weighs.
+        device: where the weights are created.
+    """
+
+    def __init__(self, in_features: int, *, num_experts: int, device: torch.device) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_experts, bias=False, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert weights ``[B, K]``, each row summing to 1."""
+        return self.linear(x).softmax(dim=1)
+
+    def mix(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """``sum_k w_k(x) * experts[:, k]``: ``[B, H]`` for the gate input ``x`` and experts ``[B, K, H]``."""
+        return torch.einsum("bk,bkh->bh", self(x), experts)
+
+
+class Towers(nn.Module):
+    """One MLP per task ending in that task's logit.
+
+    Args:
+        in_features: width of each tower's input.
+        num_tasks: number of towers T.
+        layer_sizes: hidden widths of each tower; a width-1 logit layer follows.
+        device: where the weights are created.
+    """
+
+    def __init__(self, in_features: int, *, num_tasks: int, layer_sizes: list[int], device: torch.device) -> None:
+        super().__init__()
+        self.towers = nn.ModuleList(
+            MLP(in_features, [*layer_sizes, 1], final_activation="none", device=device) for _ in range(num_tasks)
+        )
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[B, T]``: tower t over ``inputs[t]``."""
+        return torch.cat([tower(x) for tower, x in zip(self.towers, inputs)], dim=1)
