@@ -66,6 +66,7 @@ def tiny_job_dict(tmp: Path, *, model: str = "dlrm", steps: int = 20, rows: int 
         "checkpoint": {"enabled": False},
         "run": {"root": str(tmp / "runs")},
     }
+    job["train"].update(MODEL_TRAIN.get(model, {}))
     for key, value in sections.items():
         job[key] = {**job.get(key, {}), **value}
     return job
@@ -147,6 +148,12 @@ RETRIEVAL_DATA: dict[str, dict[str, Any]] = {
     "gru4rec": {"negatives": 16},
 }
 """Options of :func:`retrieval_schema` each retrieval model's generic tests use (default: none)."""
+MODEL_TRAIN: dict[str, dict[str, Any]] = {
+    # Trained from scratch, HLLM's item transformer collapses every item onto one vector under large
+    # first steps (its config uses these rates too).
+    "hllm": {"dense_optimizer": {"name": "adam", "lr": 0.001}, "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.01}},
+}
+"""Training settings a model's tiny jobs use instead of the common ones."""
 TOKENS = 24
 TOKENS_PER_ITEM = 4
 
