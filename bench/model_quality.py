@@ -132,19 +132,22 @@ def _rank(job: JobConfig, run_dir: Path) -> TrainResult:
         shutdown()
 
 
-def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, Any]:
-    """Trains and evaluates one model; returns its table row."""
-    path = write_job(name, schema=schema, work=work, epochs=epochs)
+def train_job(path: Path, *, run_dir: Path, timeout: float = 3600) -> dict[str, Any]:
+    """Trains the job file ``path`` on 2 gloo ranks into ``run_dir``: its eval metrics, samples/s,
+    parameter counts, wall seconds and path."""
     job = resolve_data(load_job(path, []))
-    run_dir = work / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = run_ranks(_rank, job, run_dir, world_size=2, timeout=1800)[0]
+    result = run_ranks(_rank, job, run_dir, world_size=2, timeout=timeout)[0]
     embedding, dense = parameters(job)
     assert result.eval is not None
-    return {"model": name, "auc": result.eval["auc"], "log_loss": result.eval["log_loss"], "rows": int(result.eval["rows"]),
-            "samples_per_s": result.samples_per_s, "embedding": embedding, "dense": dense,
+    return {**result.eval, "samples_per_s": result.samples_per_s, "embedding": embedding, "dense": dense,
             "wall_s": time.perf_counter() - start, "job": path}
+
+
+def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, Any]:
+    """Trains and evaluates one model; returns its table row."""
+    return {"model": name, **train_job(write_job(name, schema=schema, work=work, epochs=epochs), run_dir=work / "runs" / name)}
 
 
 def main() -> None:

@@ -22,17 +22,13 @@ import argparse
 import contextlib
 import io
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from model_quality import CONFIGS, _rank, parameters  # bench/ is on sys.path when a bench runs
+from model_quality import CONFIGS, train_job  # bench/ is on sys.path when a bench runs
 from shardrec.cli import main as cli_main
-from shardrec.data.prepare import resolve_data
-from shardrec.job import load_job
-from shardrec.launch.spawn import run_ranks
 
 MODELS = ["sharedbottom", "mmoe", "ple", "esmm", "aitm"]
 SHARED, TOWER = [64], [32]
@@ -85,17 +81,8 @@ def write_job(name: str, *, schema: Path, work: Path, epochs: int) -> Path:
 
 def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, Any]:
     """Trains and evaluates one model; returns its table row."""
-    path = write_job(name, schema=schema, work=work, epochs=epochs)
-    job = resolve_data(load_job(path, []))
-    run_dir = work / "runs" / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    result = run_ranks(_rank, job, run_dir, world_size=2, timeout=1800)[0]
-    embedding, dense = parameters(job)
-    assert result.eval is not None
-    return {"model": name, "click_auc": result.eval["auc_task0"], "conversion_auc": result.eval["auc_task1"],
-            "log_loss": result.eval["log_loss"], "rows": int(result.eval["rows"]), "samples_per_s": result.samples_per_s,
-            "embedding": embedding, "dense": dense, "wall_s": time.perf_counter() - start, "job": path}
+    r = train_job(write_job(name, schema=schema, work=work, epochs=epochs), run_dir=work / "runs" / name)
+    return {"model": name, "click_auc": r["auc_task0"], "conversion_auc": r["auc_task1"], **r}
 
 
 def main() -> None:

@@ -24,22 +24,14 @@ import argparse
 import contextlib
 import io
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_quality import _rank, parameters  # noqa: E402
+from model_quality import CONFIGS, train_job  # bench/ is on sys.path when a bench runs
+from shardrec.cli import main as cli_main
 
-from shardrec.cli import main as cli_main  # noqa: E402
-from shardrec.data.prepare import resolve_data  # noqa: E402
-from shardrec.job import load_job  # noqa: E402
-from shardrec.launch.spawn import run_ranks  # noqa: E402
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SEQUENTIAL = ["sasrec", "gru4rec", "hstu", "hllm"]
 OTHERS = ["youtubednn", "dssm", "mind", "comirec_dr", "comirec_sa"]
 MODELS = SEQUENTIAL + OTHERS
@@ -48,6 +40,12 @@ NEGATIVES = 128
 # an item tower reads them.
 ITEM_SIDE = {"dssm": ["genres"], "hllm": ["title_tokens", "hist_title_tokens"]}
 USER_SIDE = ["user_id", "age_bucket", "gender", "occupation", "zip3"]
+# Rows per rank: a user row holds ~100 next-movie pairs, a rating row one; an epoch is the same
+# training ratings either way.
+USER_BATCH, RATING_BATCH = 16, 256
+# HLLM's item transformer, trained from scratch, collapses every item onto one vector with the
+# others' 0.05 on its token table (its config uses 0.01).
+SPARSE_LR = {"hllm": 0.01}
 
 
 def prepare(src: Path, out: Path, *, sequential: bool) -> Path:
@@ -84,10 +82,10 @@ def write_job(name: str, *, schema: Path, work: Path, epochs: int) -> Path:
         "include": [str(schema)],
         "features": features(name, schema, model),
         "model": model,
-        "data": {"batch_size": 64 if name in SEQUENTIAL else 256},
+        "data": {"batch_size": USER_BATCH if name in SEQUENTIAL else RATING_BATCH},
         "train": {
             "steps": None, "epochs": epochs, "progress_bar": False, "seed": 0,
-            "sparse_optimizer": {"name": "rowwise_adagrad", "lr": 0.05},
+            "sparse_optimizer": {"name": "rowwise_adagrad", "lr": SPARSE_LR.get(name, 0.05)},
             "dense_optimizer": {"name": "adam", "lr": 0.001},
             "retrieval": {"ks": [10, 50], "export_items": False},
         },
@@ -102,16 +100,22 @@ def write_job(name: str, *, schema: Path, work: Path, epochs: int) -> Path:
 
 def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, Any]:
     """Trains and evaluates one model; returns its table row."""
-    path = write_job(name, schema=schema, work=work, epochs=epochs)
-    job = resolve_data(load_job(path, []))
-    run_dir = work / "runs" / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    result = run_ranks(_rank, job, run_dir, world_size=2, timeout=3600)[0]
-    embedding, dense = parameters(job)
-    assert result.eval is not None
-    return {"model": name, **result.eval, "samples_per_s": result.samples_per_s, "embedding": embedding, "dense": dense,
-            "wall_s": time.perf_counter() - start, "job": path}
+    return {"model": name, **train_job(write_job(name, schema=schema, work=work, epochs=epochs), run_dir=work / "runs" / name)}
+
+
+def popularity_row(schema: Path) -> dict[str, float]:
+    """The most-rated movies of the training ratings, the same list for every user: the baseline."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    data = yaml.safe_load(schema.read_text())["data"]
+    counts = np.bincount(pq.read_table(data["train_path"], columns=["movie_id"])["movie_id"].to_numpy())
+    ranked = np.argsort(-counts, kind="stable")[:50]
+    targets = pq.read_table(data["eval_path"], columns=["movie_id"])["movie_id"].to_numpy()
+    pos = {int(m): i for i, m in enumerate(ranked)}
+    ranks = np.array([pos.get(int(t), 10**9) for t in targets])
+    return {"hr@10": float((ranks < 10).mean()), "ndcg@10": float(np.where(ranks < 10, 1 / np.log2(ranks + 2), 0).mean()),
+            "recall@50": float((ranks < 50).mean()), "mrr": float(np.where(ranks < 50, 1 / (ranks + 1), 0).mean())}
 
 
 def main() -> None:
@@ -127,6 +131,9 @@ def main() -> None:
         raise SystemExit(f"unknown models {unknown}; known: {', '.join(MODELS)}")
     print("| model | layout | HR@10 | NDCG@10 | Recall@50 | MRR | train rows/s | embedding params | dense params | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    base = popularity_row(prepare(args.input, args.work / "movielens_rating", sequential=False))
+    print(f"| popularity (baseline) | rating | {base['hr@10']:.4f} | {base['ndcg@10']:.4f} | {base['recall@50']:.4f} | "
+          f"{base['mrr']:.4f} | - | - | - | - |", flush=True)
     for name in names:
         sequential = name in SEQUENTIAL
         schema = prepare(args.input, args.work / ("movielens_user" if sequential else "movielens_rating"), sequential=sequential)

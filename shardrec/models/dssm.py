@@ -18,13 +18,10 @@ from shardrec.models.retrieval import (
     RetrievalLossConfig,
     RetrievalModel,
     RetrievalOutput,
-    masked_mean,
     negative_ids,
     negatives_feature,
     resolve_item_feature,
-    single,
 )
-from shardrec.models.sequence import padded_sequence
 
 
 @dataclass(kw_only=True)
@@ -87,11 +84,9 @@ class DSSM(RetrievalModel):
                               f"'model.item_side_features' ({', '.join(config.item_side_features)}) for them; empty that "
                               "list or drop the negatives feature and use 'model.loss.kind: in_batch'")
         self.lookup = FeatureLookup(schema, device=device)
-        self.pooled_names = set(self.lookup.pooled_names)
         self.item_names = [self.item_feature, *config.item_side_features]
         skip = set(self.item_names) | {f.name for f in schema.sparse if f.negatives is not None}
         self.user_names = [f.name for f in schema.sparse if f.name not in skip and not f.raw and not f.weights]
-        self.sequences = {f.name: f.max_len or 1 for f in schema.sparse if f.sequence and f.name in self.user_names}
         dim = {f.name: schema.table(f.table).embedding_dim for f in schema.sparse if f.table is not None}
         self.user_mlp = MLP(sum(dim[n] for n in self.user_names) + len(schema.dense), config.user_layer_sizes,
                             final_activation="none", device=device)
@@ -103,19 +98,12 @@ class DSSM(RetrievalModel):
     def _vector(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(x, dim=-1) if self.normalize else x
 
-    def _embedding(self, name: str, pooled: dict[str, torch.Tensor], unpooled: dict[str, JaggedTensor]) -> torch.Tensor:
-        if name in self.pooled_names:  # decided by name: under the pipeline's tracer the dicts are proxies
-            return pooled[name]
-        if name in self.sequences:
-            return masked_mean(*padded_sequence(unpooled[name], self.sequences[name]))
-        return single(unpooled[name])
-
     def _user(self, dense: torch.Tensor, pooled: dict[str, torch.Tensor], unpooled: dict[str, JaggedTensor]) -> torch.Tensor:
-        parts = [self._embedding(n, pooled, unpooled) for n in self.user_names]
+        parts = [self.lookup.feature_vector(n, pooled, unpooled) for n in self.user_names]
         return self._vector(self.user_mlp(torch.cat([*parts, dense], dim=1)))
 
     def _item(self, pooled: dict[str, torch.Tensor], unpooled: dict[str, JaggedTensor]) -> torch.Tensor:
-        return self._vector(self.item_mlp(torch.cat([self._embedding(n, pooled, unpooled) for n in self.item_names], dim=1)))
+        return self._vector(self.item_mlp(torch.cat([self.lookup.feature_vector(n, pooled, unpooled) for n in self.item_names], dim=1)))
 
     def user_vectors(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         return self._user(dense_features, *self.lookup(sparse_features))

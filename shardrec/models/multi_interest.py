@@ -16,11 +16,11 @@ from typing import NamedTuple
 import torch
 import torch.fx
 from torch import nn
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema, SparseFeature
 from shardrec.errors import ConfigError
-from shardrec.models.retrieval import FeatureLookup, masked_mean, negatives_feature, resolve_item_feature, single
+from shardrec.models.retrieval import FeatureLookup, negatives_feature, resolve_item_feature, single
 from shardrec.models.sequence import padded_sequence
 
 ROUTING_SEED = 20190417
@@ -80,24 +80,15 @@ class HistoryInputs(nn.Module):
         read = core - set(ignored_features) | set(self.profile_names)
         sub = _sub_schema(schema, read)
         self.lookup = FeatureLookup(sub, device=device)
-        self.pooled_names = set(self.lookup.pooled_names)
-        self.sequences = {f.name: f.max_len or 1 for f in sub.sparse if f.sequence}
         self.dim = schema.table(item.table).embedding_dim  # type: ignore[arg-type]
         self.item_rows = schema.table(item.table).num_embeddings  # type: ignore[arg-type]
         self.profile_dim = sum(schema.table(f.table).embedding_dim for f in sub.sparse if f.name in self.profile_names)  # type: ignore[arg-type]
-
-    def _embedding(self, name: str, pooled: dict[str, torch.Tensor], unpooled: dict[str, JaggedTensor]) -> torch.Tensor:
-        if name in self.pooled_names:  # decided by name: under the pipeline's tracer the dicts are proxies
-            return pooled[name]
-        if name in self.sequences:
-            return masked_mean(*padded_sequence(unpooled[name], self.sequences[name]))
-        return single(unpooled[name])
 
     def forward(self, sparse_features: KeyedJaggedTensor) -> HistoryBatch:
         pooled, unpooled = self.lookup(sparse_features)
         history, mask = padded_sequence(unpooled[self.history], self.max_len)
         item = single(unpooled[self.item_feature])
-        parts = [self._embedding(n, pooled, unpooled) for n in self.profile_names]
+        parts = [self.lookup.feature_vector(n, pooled, unpooled) for n in self.profile_names]
         profile = torch.cat(parts, dim=1) if parts else item[:, :0]
         negatives = unpooled[self.negatives].values() if self.negatives else item[:0]
         return HistoryBatch(history, mask, item, profile, negatives)

@@ -295,12 +295,24 @@ class FeatureLookup(nn.Module):
         )
         self.pooled_names = [f.name for f in pooled]
         self.unpooled_names = [f.name for f in schema.sparse if f.table in unpooled]
+        self.sequence_lengths = {f.name: f.max_len or 1 for f in schema.sparse if f.sequence and f.table in unpooled}
 
     def forward(self, sparse_features: KeyedJaggedTensor) -> tuple[dict[str, torch.Tensor], dict[str, JaggedTensor]]:
         """``(pooled [B, D] by feature, unpooled JaggedTensor of embeddings by feature)``."""
         pooled = self.ebc(sparse_features).to_dict() if self.ebc is not None else {}
         unpooled = self.ec(sparse_features) if self.ec is not None else {}
         return pooled, unpooled
+
+
+    def feature_vector(self, name: str, pooled: dict[str, torch.Tensor], unpooled: dict[str, JaggedTensor]) -> torch.Tensor:
+        """``[B, D]`` of feature ``name`` from :meth:`forward`'s outputs: its pooled embedding, the
+        mean of a sequence's embeddings, or a single id's embedding."""
+        # Decided by name: under the pipeline's tracer the dicts are proxies.
+        if name in self.pooled_names:
+            return pooled[name]
+        if name in self.sequence_lengths:
+            return masked_mean(*padded_sequence(unpooled[name], self.sequence_lengths[name]))
+        return single(unpooled[name])
 
 
 def single(jt: JaggedTensor) -> torch.Tensor:

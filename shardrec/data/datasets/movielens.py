@@ -264,12 +264,7 @@ def _layout(options: MovieLensOptions, *, vocab_sizes: dict[str, int]) -> Layout
         # DCN/DeepFM/xDeepFM/Wide&Deep (docs/models.md, "Findings"): log1p and mean pooling.
         dense=[DenseFeature(name="age", fill_missing=0.0, transform="log1p")],
         sparse=[
-            SparseFeature(name="user_id", table="user"),
-            SparseFeature(name="movie_id", table="movie"),
-            SparseFeature(name="age_bucket", table="age_bucket", source="age", boundaries=list(AGE_BOUNDARIES)),
-            *(SparseFeature(name=name, table=name) for name in _CATEGORIES),
-            SparseFeature(name="genres", table="genre"),
-            SparseFeature(name="hist_movie_ids", table="movie", sequence=True, max_len=options.max_history),
+            *ranking_features(max_history=options.max_history),
             SparseFeature(name="hist_timestamps", raw=True, sequence=True, max_len=options.max_history),
             SparseFeature(name="timestamp", raw=True),
             *_text_features(options),
@@ -284,6 +279,18 @@ def _layout(options: MovieLensOptions, *, vocab_sizes: dict[str, int]) -> Layout
         vocab_sizes=vocab_sizes,
         pooling={"movie": "mean"},
     )
+
+
+def ranking_features(*, max_history: int) -> list[SparseFeature]:
+    """The id features of a rating row: user profile, movie, its genres and the watch history."""
+    return [
+        SparseFeature(name="user_id", table="user"),
+        SparseFeature(name="movie_id", table="movie"),
+        SparseFeature(name="age_bucket", table="age_bucket", source="age", boundaries=list(AGE_BOUNDARIES)),
+        *(SparseFeature(name=name, table=name) for name in _CATEGORIES),
+        SparseFeature(name="genres", table="genre"),
+        SparseFeature(name="hist_movie_ids", table="movie", sequence=True, max_len=max_history),
+    ]
 
 
 def _text_features(options: MovieLensOptions) -> list[SparseFeature]:

@@ -45,7 +45,6 @@ from shardrec.data.datasets.common import (
 # The funnel is MovieLens read the same way, so it reuses the movielens preparer's own steps.
 from shardrec.data.datasets.movielens import (
     _CATEGORIES,
-    AGE_BOUNDARIES,
     EXPECTS,
     GENRES,
     MAX_HISTORY,
@@ -54,8 +53,9 @@ from shardrec.data.datasets.movielens import (
     _join_users,
     _ratings,
     _users,
+    ranking_features,
 )
-from shardrec.data.schema import DenseFeature, SparseFeature
+from shardrec.data.schema import DenseFeature
 from shardrec.errors import ConfigError, DataError
 
 LABELS = ["click", "conversion"]
@@ -145,14 +145,7 @@ def _layout(options: MovieLensFunnelOptions, *, vocab_sizes: dict[str, int]) -> 
     return Layout(
         labels=list(LABELS),
         dense=[DenseFeature(name="age", fill_missing=0.0, transform="log1p")],
-        sparse=[
-            SparseFeature(name="user_id", table="user"),
-            SparseFeature(name="movie_id", table="movie"),
-            SparseFeature(name="age_bucket", table="age_bucket", source="age", boundaries=list(AGE_BOUNDARIES)),
-            *(SparseFeature(name=name, table=name) for name in _CATEGORIES),
-            SparseFeature(name="genres", table="genre"),
-            SparseFeature(name="hist_movie_ids", table="movie", sequence=True, max_len=MAX_HISTORY),
-        ],
+        sparse=ranking_features(max_history=MAX_HISTORY),
         train="train.parquet",
         eval="eval.parquet",
         embedding_dim=options.embedding_dim,
