@@ -73,7 +73,8 @@ class DSSM(RetrievalModel):
     def __init__(self, *, schema: FeatureSchema, config: DSSMConfig, device: torch.device) -> None:
         super().__init__()
         self.item_feature = resolve_item_feature(schema, config.item_feature, model="dssm")
-        neg = negatives_feature(schema, item_feature=self.item_feature, model="dssm")
+        # In-batch softmax needs no drawn negatives; a negatives feature in the schema is then ignored.
+        neg = negatives_feature(schema, item_feature=self.item_feature, model="dssm") if config.loss.kind != "in_batch" else None
         self.negatives = neg.name if neg is not None else None
         unknown = [n for n in config.item_side_features if n not in schema.sparse_names]
         if unknown:
