@@ -11,8 +11,9 @@ ratings:
   movie) pairs per epoch as the per-user rows give.
 
 Each model reads only the features its item and user sides need: the rated movie's genres and
-title tokens describe the item, so only item towers (DSSM's genres, HLLM's titles) see them; a user
-tower that saw them would see the answer. A job file per model is written to ``<work>/jobs/``;
+title tokens describe the item, so only item towers (DSSM's genres, HLLM's titles) read them
+(YouTubeDNN and MIND list genres in ``ignored_features``); a user tower that saw them would see
+the answer. A job file per model is written to ``<work>/jobs/``;
 ``shardrec train <work>/jobs/<model>.yaml --nproc 2`` trains the same job through the CLI. Usage:
 
     python bench/retrieval_quality.py [--models sasrec,hstu] [--epochs 10] [--work /tmp/shardrec-retrieval]
@@ -68,7 +69,8 @@ def features(name: str, schema: Path, model: dict[str, Any]) -> dict[str, Any]:
     if model.get("loss", {}).get("kind", "in_batch") in ("sampled", "bpr"):
         keep.add("neg_movie_ids")
     if name not in SEQUENTIAL:
-        keep |= set(USER_SIDE)
+        # genres stays: DSSM's item tower reads it, YouTubeDNN and MIND list it in ignored_features.
+        keep |= {*USER_SIDE, "genres"}
     sparse = [f for f in full["sparse"] if f["name"] in keep]
     used = {f.get("table") for f in sparse}
     return {**full, "sparse": sparse, "tables": [t for t in full["tables"] if t["name"] in used],

@@ -38,7 +38,7 @@ def build(cls: type[T], data: Any, *, key: str) -> T:
     hints = get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = convert(hints[name], value, key=_join(key, name))
+        kwargs[name] = convert(hints[name], _over_default(fields[name], value), key=_join(key, name))
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -51,6 +51,16 @@ def build(cls: type[T], data: Any, *, key: str) -> T:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid '{key}': {e}") from e
+
+
+def _over_default(f: dataclasses.Field[Any], value: Any) -> Any:
+    """A partial section of a field whose default is a dataclass instance keeps that instance's
+    other keys: ``loss: {temperature: 0.1}`` on a field defaulting to a sampled loss stays sampled."""
+    if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            return {**{g.name: getattr(default, g.name) for g in dataclasses.fields(default) if g.init}, **value}
+    return value
 
 
 def convert(tp: Any, value: Any, *, key: str) -> Any:

@@ -56,7 +56,7 @@ class HSTUConfig(SeqRecConfig):
     """L2-normalize user and item vectors (the reference's sampled-softmax setting)."""
     loss: RetrievalLossConfig = field(default_factory=lambda: RetrievalLossConfig(kind="sampled", temperature=0.05))
     """Training loss: by default the reference's sampled softmax over normalized vectors at
-    temperature 0.05; a YAML ``loss`` section replaces the whole default, so name its ``kind``."""
+    temperature 0.05; keys a YAML ``loss`` section leaves out keep these defaults."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

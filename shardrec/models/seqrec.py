@@ -51,7 +51,7 @@ class SeqRecConfig:
     """Dropout rate inside the encoder."""
     loss: RetrievalLossConfig = field(default_factory=lambda: RetrievalLossConfig(kind="sampled", temperature=1.0))
     """Training loss: by default sampled softmax over the batch's shared negatives on raw dot products
-    (temperature 1); a YAML ``loss`` section replaces the whole default, so name its ``kind``."""
+    (temperature 1); keys a YAML ``loss`` section leaves out keep these defaults."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:

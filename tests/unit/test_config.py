@@ -443,3 +443,10 @@ def test_sparse_adam_on_cpu_is_a_config_error_naming_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"train\.sparse_optimizer\.name 'adam'.*rowwise_adagrad, adagrad, sgd"):
         check_sparse_optimizer(SparseOptimizerConfig(name="adam"), device_type="cpu")
     check_sparse_optimizer(SparseOptimizerConfig(name="adam"), device_type="cuda")
+
+
+def test_a_partial_section_keeps_the_fields_own_default() -> None:
+    # HSTU's loss defaults to a sampled softmax; naming only the temperature must not reset the kind.
+    cfg = registry.model_config("hstu", {"loss": {"temperature": 0.1}})
+    assert (cfg.loss.kind, cfg.loss.temperature) == ("sampled", 0.1)
+    assert registry.model_config("hstu", {}).loss.temperature == 0.05
