@@ -81,7 +81,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path: Path, capsys: pytest.Ca
         ("--train.stepz=3", "unknown config key 'train.stepz'; valid keys under 'train' are: dense_optimizer"),
         ("--train.pipeline=fast", "invalid value 'fast' for 'train.pipeline'; valid choices: auto, sparse_dist, base"),
         ("--train.steps=many", "'train.steps' must be of type int"),
-        ("--model.name=dlrn", "unknown model 'dlrn' (config key 'model.name'); known models: autoint, bst, dcn"),
+        ("--model.name=dlrn", "unknown model 'dlrn' (config key 'model.name'); known models: aitm, autoint, bst"),
         ("--data.train_path=/nonexistent/x.parquet", "'/nonexistent/x.parquet' does not exist"),
     ],
 )
