@@ -129,6 +129,32 @@ def export_tables(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def export_serving(args: argparse.Namespace, _: list[str]) -> int:
+    """``shardrec export CHECKPOINT --out DIR [--quantize int8|int4|fp16|none] [--table-quantize TABLE=KIND ...]``."""
+    from shardrec.errors import ConfigError
+    from shardrec.platform.serving import ExportConfig, export_model
+
+    pairs = [item.partition("=") for item in args.table_quantize]
+    if any(not sep for _, sep, _ in pairs):
+        raise ConfigError(f"--table-quantize takes TABLE=KIND, got {args.table_quantize}")
+    cfg = ExportConfig(checkpoint=Path(args.checkpoint), out=args.out, quantize=args.quantize, config=args.config,
+                       table_quantize={t: q for t, _, q in pairs})
+    manifest = export_model(cfg)
+    print(f"wrote {args.out}: model {manifest['model']} at step {manifest['step']}, {len(manifest['tables'])} tables, "
+          f"files {', '.join(manifest['files'].values())}")
+    return 0
+
+
+def predict(args: argparse.Namespace, _: list[str]) -> int:
+    """``shardrec predict --model DIR --data PATH --out FILE.parquet --id-column NAME``."""
+    from shardrec.platform.serving_predict import PredictConfig, predict as run_predict
+
+    cfg = PredictConfig(model=args.model, data=args.data, out=args.out, id_column=args.id_column, batch_size=args.batch_size,
+                        progress_bar=not args.no_progress)
+    print(run_predict(cfg).summary())
+    return 0
+
+
 def submit(args: argparse.Namespace, overrides: list[str]) -> int:
     """``shardrec submit [CONFIG] --scheduler S [-j NxM] [--gpu N ...] [--cfg KEY=VALUE ...] [--dryrun]``."""
     from shardrec.launch import cluster
@@ -289,11 +315,30 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     sy.set_defaults(func=synth_dataset)
 
 
+def _serving_parser(sub: argparse._SubParsersAction) -> None:
+    """``shardrec export|predict``."""
+    e = sub.add_parser("export", help="a checkpoint as a quantized TorchScript model plus manifest, for serving")
+    e.add_argument("checkpoint", help="a checkpoints/step-N folder, or a run folder (its latest checkpoint)")
+    e.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
+    e.add_argument("--quantize", default="none", help="table weights: int8, int4, fp16 or none (float32); default none")
+    e.add_argument("--table-quantize", action="append", default=[], metavar="TABLE=KIND", help="one table's weights (repeatable)")
+    e.add_argument("--config", type=Path, help="job file of the model; default the checkpoint's config.yaml")
+    e.set_defaults(func=export_serving)
+    p = sub.add_parser("predict", help="score Parquet rows with an exported model")
+    p.add_argument("--model", type=Path, required=True, help="folder written by shardrec export")
+    p.add_argument("--data", required=True, help="Parquet file, folder, glob or URL")
+    p.add_argument("--out", type=Path, required=True, help="Parquet file to write")
+    p.add_argument("--id-column", required=True, help="column of the data written next to the scores")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per forward; default 4096")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=predict)
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="shardrec", description="Train recommendation models with sharded embedding tables.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _plan_parser, _data_parser, _checkpoint_parser, _cluster_parsers):
+    for add in (_train_parser, _plan_parser, _data_parser, _checkpoint_parser, _serving_parser, _cluster_parsers):
         add(sub)
     return p
 

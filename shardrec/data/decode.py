@@ -32,7 +32,7 @@ class Chunk:
 
     dense: np.ndarray
     labels: np.ndarray
-    """``[rows]`` for one label, ``[rows, tasks]`` for several."""
+    """``[rows]`` for one label, ``[rows, tasks]`` for several, ``[rows, 0]`` when read without labels."""
     sparse: list[SparseColumn]
     offsets: list[np.ndarray]
     """Per sparse column: row offsets into its values (rows + 1 entries)."""
@@ -47,21 +47,32 @@ class Chunk:
 
 
 def decode(table: pa.Table, schema: FeatureSchema, where: str) -> Chunk:
-    """Decodes a table of the schema's columns; ``where`` names the file and row group in errors."""
+    """Decodes a table of the schema's columns; ``where`` names the file and row group in errors.
+
+    A table read without the label columns (``ParquetReader(labels=False)``) gets ``[rows, 0]`` labels.
+    """
     sparse = [decode_sparse(table, f, i, schema, where) for i, f in enumerate(schema.sparse)]
-    labels = [_decode_labels(table.column(name), name, where) for name in schema.labels]
+    # The reader validated every label column present, or read none of them.
+    labeled = any(name in table.column_names for name in schema.labels)
+    labels = [_decode_labels(table.column(name), name, where) for name in schema.labels] if labeled else []
     plain = [c for c, f in zip(sparse, schema.sparse) if not f.weights]
     # Key-major stacks let a batch of single-id features be cut with one slice instead of one per key.
     plain_lengths = np.stack([c.lengths for c in plain]) if plain else None
     single = plain_lengths is not None and plain_lengths.size and plain_lengths.min() == 1 == plain_lengths.max()
     return Chunk(
         dense=_decode_dense(table, schema, where),
-        labels=labels[0] if isinstance(schema.label, str) else np.stack(labels, axis=1),
+        labels=_stack_labels(labels, schema, rows=table.num_rows),
         sparse=sparse,
         offsets=[np.concatenate(([0], np.cumsum(c.lengths, dtype=np.int64))) for c in sparse],
         plain_lengths=plain_lengths,
         plain_values=np.stack([c.values for c in plain]) if single else None,
     )
+
+
+def _stack_labels(labels: list[np.ndarray], schema: FeatureSchema, *, rows: int) -> np.ndarray:
+    if not labels:
+        return np.zeros((rows, 0), dtype=np.float32)
+    return labels[0] if isinstance(schema.label, str) else np.stack(labels, axis=1)
 
 
 def _to_float32(col: pa.ChunkedArray) -> np.ndarray:

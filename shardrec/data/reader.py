@@ -47,9 +47,10 @@ class _Column:
     """For weights: the id column they align with."""
 
 
-def _columns(schema: FeatureSchema) -> list[_Column]:
+def _columns(schema: FeatureSchema, *, labels: bool = True) -> list[_Column]:
     one = isinstance(schema.label, str)
     cols = [_Column(name=n, key="features.label" if one else f"features.label[{i}]", role="label") for i, n in enumerate(schema.labels)]
+    cols = cols if labels else []
     cols += [_Column(name=f.name, key=f"features.dense[{i}]", role="dense") for i, f in enumerate(schema.dense)]
     for i, f in enumerate(schema.sparse):
         if f.negatives is not None:
@@ -67,12 +68,13 @@ def _columns(schema: FeatureSchema) -> list[_Column]:
     return cols
 
 
-def read_columns(schema: FeatureSchema) -> list[str]:
-    """Every data column the schema reads, each once: labels, dense, then the sparse features' columns."""
-    return list(dict.fromkeys([*schema.labels, *schema.dense_names, *(c for f in schema.sparse for c in f.columns)]))
+def read_columns(schema: FeatureSchema, *, labels: bool = True) -> list[str]:
+    """Every data column the schema reads, each once: labels (unless not ``labels``), dense, then the
+    sparse features' columns."""
+    return list(dict.fromkeys([*(schema.labels if labels else []), *schema.dense_names, *(c for f in schema.sparse for c in f.columns)]))
 
 
-def validate_data(path: str | Path, schema: FeatureSchema) -> list[Path | str]:
+def validate_data(path: str | Path, schema: FeatureSchema, *, labels: bool = True) -> list[Path | str]:
     """Resolves a Parquet or CSV data set and checks it against the schema.
 
     Parquet is checked from the file footers only; CSV from the header and a first pass that
@@ -82,6 +84,7 @@ def validate_data(path: str | Path, schema: FeatureSchema) -> list[Path | str]:
         path: a file, a folder of ``*.parquet`` (or ``*.csv``/``*.csv.gz``) files, a glob, or an
             fsspec URL of any of these; files are read in sorted order.
         schema: the features the model reads.
+        labels: whether the schema's label columns are required (False: scoring unlabeled rows).
 
     Returns:
         The data set's files: local ones as Paths, others as URLs.
@@ -90,7 +93,7 @@ def validate_data(path: str | Path, schema: FeatureSchema) -> list[Path | str]:
         DataError: the path is missing or empty, a file is empty, damaged or not of its format, a
             configured column is missing or of an unusable type, or the files disagree on a type.
     """
-    return [f.key() for f in open_source(path, schema).files]
+    return [f.key() for f in open_source(path, schema, labels=labels).files]
 
 
 def validate_parquet(path: str | Path, schema: FeatureSchema) -> list[Path | str]:
@@ -105,15 +108,16 @@ def validate_parquet(path: str | Path, schema: FeatureSchema) -> list[Path | str
     return [f.key() for f in _parquet_source(files, schema).files]
 
 
-def open_source(path: str | Path, schema: FeatureSchema) -> Source:
-    """The validated rows of a data set, ready to be read by row ranges."""
+def open_source(path: str | Path, schema: FeatureSchema, *, labels: bool = True) -> Source:
+    """The validated rows of a data set, ready to be read by row ranges; without ``labels`` the
+    label columns are neither required nor read."""
     files, fmt = resolve(path)
-    return _parquet_source(files, schema) if fmt == "parquet" else _csv_source(files, schema)
+    return _parquet_source(files, schema, labels=labels) if fmt == "parquet" else _csv_source(files, schema, labels=labels)
 
 
-def _parquet_source(files: list[DataFile], schema: FeatureSchema) -> ParquetSource:
+def _parquet_source(files: list[DataFile], schema: FeatureSchema, *, labels: bool = True) -> ParquetSource:
     metadata = _footers(files)
-    cols = _columns(schema)
+    cols = _columns(schema, labels=labels)
     first: tuple[str, pa.Schema] | None = None
     for f, meta in zip(files, metadata):
         if meta.num_rows == 0:
@@ -125,7 +129,7 @@ def _parquet_source(files: list[DataFile], schema: FeatureSchema) -> ParquetSour
             first = (f.name, file_schema)
         else:
             _check_same_types(first, (f.name, file_schema), cols)
-    return ParquetSource(files, metadata, read_columns(schema))
+    return ParquetSource(files, metadata, read_columns(schema, labels=labels))
 
 
 def _footers(files: list[DataFile]) -> list[pq.FileMetaData]:
@@ -210,8 +214,8 @@ def _check_same_types(first: tuple[str, pa.Schema], other: tuple[str, pa.Schema]
             )
 
 
-def _csv_source(files: list[DataFile], schema: FeatureSchema) -> CsvSource:
-    cols = _columns(schema)
+def _csv_source(files: list[DataFile], schema: FeatureSchema, *, labels: bool) -> CsvSource:
+    cols = _columns(schema, labels=labels)
     for col in cols:
         if col.sequence:
             raise DataError(
@@ -302,7 +306,7 @@ class ParquetReader:
         for batch in reader:  # len(reader) batches
             batch.dense_features  # float32 [B, len(schema.dense)]
             batch.sparse_features  # KJT, keys schema.unweighted_names, int64 values, int32 lengths
-            batch.labels  # float32 [B] (or [B, T] for T labels)
+            batch.labels  # float32 [B] (or [B, T] for T labels; [B, 0] with labels=False)
 
     Args:
         path: a Parquet or CSV file, a folder of them, a glob, or an fsspec URL of any of these.
@@ -326,6 +330,9 @@ class ParquetReader:
             share; with a shuffle buffer, those in the window), counts them in ``skipped_rows``,
             and fills the planned batches with as many rows re-read from the start of the
             worker's share, so batch counts and sizes stay those of every other rank.
+        labels: read the schema's label columns; False: the data need not have them (scoring
+            unlabeled rows) and every batch's ``labels`` is an empty ``[B, 0]`` tensor, so
+            ``batch.size`` holds and a loss over it fails on the shape instead of training on made-up labels.
     """
 
     def __init__(
@@ -344,6 +351,7 @@ class ParquetReader:
         shuffle_buffer: int = 0,
         seed: int = 0,
         on_bad_rows: BadRows = "error",
+        labels: bool = True,
     ) -> None:
         _check_args(
             batch_size=batch_size, prefetch=prefetch, start_batch=start_batch, rank=rank, world_size=world_size,
@@ -354,7 +362,7 @@ class ParquetReader:
         self._num_workers, self._pin_memory = num_workers, pin_memory
         self._shuffle_buffer, self._seed, self._on_bad_rows = shuffle_buffer, seed, on_bad_rows
         self._schema = schema
-        self._source = open_source(path, schema)
+        self._source = open_source(path, schema, labels=labels)
         first, end = self._rank_range()
         self._shares = split(first, end, batch_size=batch_size, workers=max(num_workers, 1))
         self._num_batches = math.ceil((end - first) / batch_size)

@@ -46,8 +46,9 @@ def _strict_upper_triangle(z: torch.Tensor) -> torch.Tensor:
     # fx.wrap keeps this a leaf when the train pipeline traces the model: triu_indices needs a
     # concrete size and device, and a buffer would come back as zeros after meta materialization.
     n = z.size(1)
-    rows, cols = torch.triu_indices(n, n, offset=1, device=z.device)
-    return z[:, rows, cols]
+    # Indexed rather than unpacked: TorchScript (shardrec export) cannot unpack a tensor.
+    index = torch.triu_indices(n, n, offset=1, device=z.device)
+    return z[:, index[0], index[1]]
 
 
 def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from shardrec.data.batch import Batch
 from shardrec.data.hashing import hash_ids
-from shardrec.data.reader import ParquetReader, validate_parquet
+from shardrec.data.reader import ParquetReader, validate_data, validate_parquet
 from shardrec.data.schema import DenseFeature, FeatureSchema, SparseFeature, TableConfig
 from shardrec.errors import DataError
 
@@ -134,6 +134,25 @@ def test_values_match_pyarrow(data_dir: Path, batch_size: int) -> None:
     np.testing.assert_array_equal(labels, want_labels)
     assert sparse == want_sparse
     assert any(len(ids) == 0 for ids in sparse["s_list"]) and any(len(ids) > 1 for ids in sparse["s_list"])
+
+
+@pytest.mark.parametrize("label", ["label", ["label", "label2"]])
+def test_without_labels_reads_unlabeled_data(data_dir: Path, tmp_path: Path, label: str | list[str]) -> None:
+    schema = FeatureSchema(label=label, dense=_SCHEMA.dense, sparse=_SCHEMA.sparse, tables=_SCHEMA.tables)
+    pq.write_table(pq.read_table(data_dir).drop(["label"]), tmp_path / "unlabeled.parquet", row_group_size=5)
+    with pytest.raises(DataError, match=r"has no column 'label' \(configured by features\.label"):
+        validate_parquet(tmp_path, schema)
+    assert validate_data(tmp_path, schema, labels=False) == [tmp_path / "unlabeled.parquet"]
+    batches = list(ParquetReader(tmp_path, schema=schema, batch_size=9, labels=False))
+    assert [b.labels.shape for b in batches] == [(9, 0), (9, 0), (9, 0), (9, 0), (4, 0)] and [b.size for b in batches] == [9] * 4 + [4]
+    dense, _, sparse = _collect(batches, schema.sparse_names)
+    want_dense, _, want_sparse = _expected(data_dir, _SCHEMA)
+    np.testing.assert_allclose(dense, want_dense, rtol=1e-6)
+    assert sparse == want_sparse
+    # Labeled data read without labels: the same features, the label column not read.
+    labeled = list(ParquetReader(data_dir, schema=_SCHEMA, batch_size=9, labels=False))
+    assert all(b.labels.shape == (b.size, 0) for b in labeled)
+    np.testing.assert_allclose(torch.cat([b.dense_features for b in labeled]).numpy(), want_dense, rtol=1e-6)
 
 
 def test_each_iteration_starts_over(data_dir: Path) -> None:
