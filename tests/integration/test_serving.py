@@ -47,25 +47,38 @@ def _train(job: JobConfig, run_dir: Path) -> None:
     run(job, run_dir=run_dir, resume=None)
 
 
+_RUNS: dict[str, tuple[str, Path, JobConfig]] = {}
+"""Each model's run, trained once for the parametrized tests and the dlrm-only ones alike."""
+
+
+def _trained(model: str, factory: pytest.TempPathFactory) -> tuple[str, Path, JobConfig]:
+    if model not in _RUNS:
+        tmp = factory.mktemp(model)
+        steps = STEPS.get(model, 12)
+        job = tiny_job(tmp, model=model, steps=steps, checkpoint={"enabled": True})
+        run_ranks(_train, job, tmp / "run")
+        _RUNS[model] = model, tmp / "run" / "checkpoints" / f"step-{steps:08d}", job
+    return _RUNS[model]
+
+
+def _exports(checkpoint: Path) -> dict[str, Path]:
+    out = {q: checkpoint.parent.parent.parent / f"export-{q}" for q in ("none", "int8")}
+    for q, path in out.items():
+        if not path.exists():
+            export_model(ExportConfig(checkpoint=checkpoint, out=path, quantize=q))
+    return out
+
+
 @pytest.fixture(scope="module", params=MODELS)
 def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, JobConfig]:
     """(model, checkpoint, job) of a 2-rank run of ``model``."""
-    model = request.param
-    tmp = tmp_path_factory.mktemp(model)
-    steps = STEPS.get(model, 12)
-    job = tiny_job(tmp, model=model, steps=steps, checkpoint={"enabled": True})
-    run_ranks(_train, job, tmp / "run")
-    return model, tmp / "run" / "checkpoints" / f"step-{steps:08d}", job
+    return _trained(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def exports(trained: tuple[str, Path, JobConfig]) -> dict[str, Path]:
     """The run exported with float32 and with int8 tables."""
-    _, checkpoint, _ = trained
-    out = {q: checkpoint.parent.parent.parent / f"export-{q}" for q in ("none", "int8")}
-    for q, path in out.items():
-        export_model(ExportConfig(checkpoint=checkpoint, out=path, quantize=q))
-    return out
+    return _exports(trained[1])
 
 
 def _eager(job: JobConfig, checkpoint: Path) -> torch.nn.Module:
@@ -160,11 +173,10 @@ def test_artifact_loads_with_only_torch_and_fbgemm(trained: tuple[str, Path, Job
 
 
 @pytest.fixture(scope="module")
-def dlrm_run(trained: tuple[str, Path, JobConfig], exports: dict[str, Path]) -> tuple[Path, JobConfig, Path]:
-    model, checkpoint, job = trained
-    if model != "dlrm":
-        pytest.skip("bad-input cases run on dlrm only")
-    return checkpoint, job, exports["none"]
+def dlrm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, JobConfig, Path]:
+    """The dlrm run (checkpoint, job, float32 export) the bad-input cases use."""
+    _, checkpoint, job = _trained("dlrm", tmp_path_factory)
+    return checkpoint, job, _exports(checkpoint)["none"]
 
 
 def test_unknown_quantization_is_an_error(dlrm_run: tuple[Path, JobConfig, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
