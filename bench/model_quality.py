@@ -109,10 +109,30 @@ def write_job(name: str, *, schema: Path, work: Path, epochs: int) -> Path:
         "checkpoint": {"enabled": False},
         "run": {"root": str(work / "runs")},
     }
+    return save_job(name, job, work=work)
+
+
+def save_job(name: str, job: dict[str, Any], *, work: Path) -> Path:
+    """Writes ``job`` to ``<work>/jobs/<name>.yaml``; returns its path."""
     path = work / "jobs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
+
+
+def parse_args(doc: str, *, models: list[str], epochs: int, work: str) -> tuple[argparse.Namespace, list[str]]:
+    """A quality bench's command line (--models, --epochs, --input, --work) and the models it names."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(models), help=f"comma-separated; default: all {len(models)}")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--input", type=Path, default=Path(os.environ.get("SHARDREC_SAMPLE_DATA", "../shared/data")) / "movielens100k")
+    p.add_argument("--work", type=Path, default=Path(work))
+    args = p.parse_args()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(models))
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; known: {', '.join(models)}")
+    return args, names
 
 
 def parameters(job: JobConfig) -> tuple[int, int]:
@@ -151,16 +171,7 @@ def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated; default: all 14")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--input", type=Path, default=Path(os.environ.get("SHARDREC_SAMPLE_DATA", "../shared/data")) / "movielens100k")
-    p.add_argument("--work", type=Path, default=Path("/tmp/shardrec-quality"))
-    args = p.parse_args()
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        raise SystemExit(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    args, names = parse_args(__doc__, models=MODELS, epochs=2, work="/tmp/shardrec-quality")
     schema = prepare(args.input, args.work / "movielens")
     print("| model | test AUC | log loss | train samples/s | embedding params | dense params | wall s |")
     print("|---|---|---|---|---|---|---|")

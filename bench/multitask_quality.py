@@ -18,16 +18,14 @@ The MovieLens folder is ``$SHARDREC_SAMPLE_DATA/movielens100k`` unless ``--input
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from model_quality import CONFIGS, train_job  # bench/ is on sys.path when a bench runs
+from model_quality import CONFIGS, parse_args, save_job, train_job  # bench/ is on sys.path when a bench runs
 from shardrec.cli import main as cli_main
 
 MODELS = ["sharedbottom", "mmoe", "ple", "esmm", "aitm"]
@@ -73,10 +71,7 @@ def write_job(name: str, *, schema: Path, work: Path, epochs: int) -> Path:
         "checkpoint": {"enabled": False},
         "run": {"root": str(work / "runs")},
     }
-    path = work / "jobs" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
-    return path
+    return save_job(name, job, work=work)
 
 
 def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, Any]:
@@ -86,16 +81,7 @@ def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated; default: all 5")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--input", type=Path, default=Path(os.environ.get("SHARDREC_SAMPLE_DATA", "../shared/data")) / "movielens100k")
-    p.add_argument("--work", type=Path, default=Path("/tmp/shardrec-mtl"))
-    args = p.parse_args()
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        raise SystemExit(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    args, names = parse_args(__doc__, models=MODELS, epochs=2, work="/tmp/shardrec-mtl")
     schema = prepare(args.input, args.work / "movielens_funnel")
     print("| model | click AUC | conversion AUC | log loss | train samples/s | parameters (dense) | command |")
     print("|---|---|---|---|---|---|---|")

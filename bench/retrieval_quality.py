@@ -21,16 +21,16 @@ the answer. A job file per model is written to ``<work>/jobs/``;
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 import yaml
 
-from model_quality import CONFIGS, train_job  # bench/ is on sys.path when a bench runs
+from model_quality import CONFIGS, parse_args, save_job, train_job  # bench/ is on sys.path when a bench runs
 from shardrec.cli import main as cli_main
 
 SEQUENTIAL = ["sasrec", "gru4rec", "hstu", "hllm"]
@@ -94,10 +94,7 @@ def write_job(name: str, *, schema: Path, work: Path, epochs: int) -> Path:
         "checkpoint": {"enabled": False},
         "run": {"root": str(work / "runs")},
     }
-    path = work / "jobs" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
-    return path
+    return save_job(name, job, work=work)
 
 
 def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, Any]:
@@ -107,9 +104,6 @@ def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, 
 
 def popularity_row(schema: Path) -> dict[str, float]:
     """The most-rated movies of the training ratings, the same list for every user: the baseline."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
     data = yaml.safe_load(schema.read_text())["data"]
     counts = np.bincount(pq.read_table(data["train_path"], columns=["movie_id"])["movie_id"].to_numpy())
     ranked = np.argsort(-counts, kind="stable")[:50]
@@ -121,16 +115,7 @@ def popularity_row(schema: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated; default: all {len(MODELS)}")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--input", type=Path, default=Path(os.environ.get("SHARDREC_SAMPLE_DATA", "../shared/data")) / "movielens100k")
-    p.add_argument("--work", type=Path, default=Path("/tmp/shardrec-retrieval"))
-    args = p.parse_args()
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        raise SystemExit(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    args, names = parse_args(__doc__, models=MODELS, epochs=10, work="/tmp/shardrec-retrieval")
     print("| model | layout | HR@10 | NDCG@10 | Recall@50 | MRR | train rows/s | embedding params | dense params | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     base = popularity_row(prepare(args.input, args.work / "movielens_rating", sequential=False))

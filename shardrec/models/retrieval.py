@@ -294,7 +294,6 @@ class FeatureLookup(nn.Module):
             if pooled else None
         )
         self.pooled_names = [f.name for f in pooled]
-        self.unpooled_names = [f.name for f in schema.sparse if f.table in unpooled]
         self.sequence_lengths = {f.name: f.max_len or 1 for f in schema.sparse if f.sequence and f.table in unpooled}
 
     def forward(self, sparse_features: KeyedJaggedTensor) -> tuple[dict[str, torch.Tensor], dict[str, JaggedTensor]]:

@@ -196,8 +196,12 @@ def _check_model(path: Path, flat: dict[str, Any], saved: dict[str, Any]) -> Non
     extra = sorted(k[6:] for k in saved if k.startswith("model.") and k not in flat)
     problems += [f"{k}: in the checkpoint, not in the model" for k in extra]
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CheckpointError(f"checkpoint '{path}' was written by a different model: {shown}")
+        raise CheckpointError(f"checkpoint '{path}' was written by a different model: {first_problems(problems)}")
+
+
+def first_problems(problems: list[str], most: int = 8) -> str:
+    """The first ``most`` of ``problems`` joined by "; ", and how many more there are."""
+    return "; ".join(problems[:most]) + (f"; and {len(problems) - most} more" if len(problems) > most else "")
 
 
 def _without(state: dict[str, Any], paths: list[tuple[Any, ...]]) -> dict[str, Any]:

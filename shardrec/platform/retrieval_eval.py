@@ -127,12 +127,15 @@ class Catalogue:
     vectors: torch.Tensor
     """``[N, D]``."""
 
+    def __post_init__(self) -> None:
+        # Built once: every evaluation batch maps its targets (and exclusions) through it.
+        self._position = torch.full((int(self.ids.max()) + 1,), -1, dtype=torch.long, device=self.ids.device)
+        self._position[self.ids] = torch.arange(self.ids.numel(), device=self.ids.device)
+
     def index_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Catalogue position of each id; -1 for ids not in the catalogue."""
-        top = int(self.ids.max()) if ids.numel() == 0 else max(int(self.ids.max()), int(ids.max()))
-        lookup = torch.full((top + 1,), -1, dtype=torch.long, device=self.ids.device)
-        lookup[self.ids] = torch.arange(self.ids.numel(), device=self.ids.device)
-        return torch.where(ids >= 0, lookup[ids.clamp(min=0)], torch.full_like(ids, -1))
+        inside = (ids >= 0) & (ids < self._position.numel())
+        return torch.where(inside, self._position[ids.clamp(0, self._position.numel() - 1)], torch.full_like(ids, -1))
 
 
 def read_catalogue(path: str | Path, schema: FeatureSchema, *, item_feature: str) -> tuple[torch.Tensor, pa.Table]:
@@ -195,16 +198,17 @@ def _share(n: int, rank: int, world_size: int) -> np.ndarray:
 
 @torch.no_grad()
 def embed_catalogue(
-    model: RetrievalModel, path: str | Path, schema: FeatureSchema, *, batch_size: int, device: torch.device,
+    model: RetrievalModel, ids: torch.Tensor, table: pa.Table, schema: FeatureSchema, *, batch_size: int,
+    device: torch.device, where: str,
 ) -> Catalogue:
-    """Every catalogue item's vector through the (sharded) ``model``, gathered onto every rank."""
-    ids, table = read_catalogue(path, schema, item_feature=model.item_feature)
+    """Every catalogue item's vector (``ids`` and ``table`` from :func:`read_catalogue`, read once
+    per run) through the (sharded) ``model``, gathered onto every rank; ``where`` names the file."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     rows = _share(len(ids), rank, world)
     parts = []
     for start in range(0, len(rows), batch_size):
         part = table.take(pa.array(rows[start : start + batch_size]))
-        parts.append(model.item_vectors(catalogue_kjt(part, schema, where=str(path)).to(device)))
+        parts.append(model.item_vectors(catalogue_kjt(part, schema, where=where).to(device)))
     mine = torch.cat(parts)
     if world > 1:
         gathered = [torch.empty_like(mine) for _ in range(world)]

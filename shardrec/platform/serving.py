@@ -49,7 +49,7 @@ from shardrec.errors import CheckpointError, ConfigError
 from shardrec.job import JobConfig, load_job
 from shardrec.models import registry
 from shardrec.output import atomic_folder
-from shardrec.platform.checkpoint import read_meta, resolve_resume, table_of_key
+from shardrec.platform.checkpoint import first_problems, read_meta, resolve_resume, table_of_key
 from shardrec.platform.retrieval_eval import Catalogue, catalogue_kjt, read_catalogue, write_item_embeddings
 from shardrec.platform.saved import SavedCheckpoint
 
@@ -154,8 +154,7 @@ def check_tensors(path: Path, state: dict[str, torch.Tensor], saved: SavedCheckp
         elif ours[key] != theirs[key]:
             problems.append(f"{name} is {_shape(theirs[key])} in the checkpoint, {_shape(ours[key])} in the config")
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CheckpointError(f"checkpoint '{path}' does not match the job's model: {shown}; export with the config the "
+        raise CheckpointError(f"checkpoint '{path}' does not match the job's model: {first_problems(problems)}; export with the config the "
                               "checkpoint was trained with (its config.yaml, the default of --config)")
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow as pa
 import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -18,7 +19,8 @@ from tqdm import tqdm
 
 from shardrec.data.batch import Batch
 from shardrec.data.negatives import NegativeSampler
-from shardrec.data.reader import ParquetReader, validate_data
+from shardrec.data.reader import ParquetReader
+from shardrec.data.sources import resolve
 from shardrec.job import JobConfig, dump_job
 from shardrec.models import registry
 from shardrec.platform import checkpoint
@@ -31,7 +33,13 @@ from shardrec.platform.rng import rng_states, set_rng_states
 from shardrec.platform.schedule import LRSchedule
 from shardrec.platform.saver import Saver
 from shardrec.platform.pipeline import TrainModule, eval_model, make_pipeline, resume_training
-from shardrec.platform.retrieval_eval import Catalogue, embed_catalogue, evaluate_retrieval, write_item_embeddings
+from shardrec.platform.retrieval_eval import (
+    Catalogue,
+    embed_catalogue,
+    evaluate_retrieval,
+    read_catalogue,
+    write_item_embeddings,
+)
 from shardrec.sharding.plan_file import load_plan
 from shardrec.sharding.objectives import collective_plan_for_objective
 from shardrec.sharding.planner import format_plan, plan_rows, save_plan, topology_spec
@@ -77,8 +85,10 @@ class Trainer:
         self.schedule: LRSchedule | None = None
         self.retrieval = registry.get(job.model_name).retrieval
         self.catalogue: Catalogue | None = None
+        # The item catalogue's ids and columns: read at the first evaluation, kept for the others.
+        self._catalogue_rows: tuple[torch.Tensor, pa.Table] | None = None
         self.sampler = (
-            NegativeSampler(job.features, train_files=validate_data(data.train, job.features), seed=job.train.seed, rank=ctx.rank)
+            NegativeSampler(job.features, train_files=[f.key() for f in resolve(data.train)[0]], seed=job.train.seed, rank=ctx.rank)
             if NegativeSampler.active(job.features) else None
         )
         cfg = job.checkpoint
@@ -285,8 +295,10 @@ class Trainer:
         # DMP -> TrainModule -> the zoo model, whose sharded collections run eagerly once detached.
         retrieval_model = model.module.model
         assert job.data.items_path is not None
-        self.catalogue = embed_catalogue(retrieval_model, job.data.items_path, job.features, batch_size=cfg.item_batch_size,
-                                         device=self.ctx.device)
+        if self._catalogue_rows is None:
+            self._catalogue_rows = read_catalogue(job.data.items_path, job.features, item_feature=retrieval_model.item_feature)
+        self.catalogue = embed_catalogue(retrieval_model, *self._catalogue_rows, job.features, batch_size=cfg.item_batch_size,
+                                         device=self.ctx.device, where=job.data.items_path)
         batches = itertools.islice(self.eval_reader(), job.train.eval_batches)
         metrics = evaluate_retrieval(retrieval_model, batches, self.catalogue, cfg, device=self.ctx.device)
         self.log.write("eval", step=self.step, **metrics)
