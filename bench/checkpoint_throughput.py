@@ -41,15 +41,15 @@ import torch.distributed as dist
 from shardrec.config import build, to_dict
 from shardrec.data.batch import Batch
 from shardrec.data.schema import criteo_schema
-from shardrec.data.synthetic import generate
+from shardrec.data.synthetic_signal import generate
 from shardrec.job import JobConfig
 from shardrec.launch.spawn import run_ranks
-from shardrec.platform import checkpoint
-from shardrec.platform.dist import init_distributed, shutdown
-from shardrec.platform.pipeline import make_pipeline
-from shardrec.platform.quiet import quiet_libraries
-from shardrec.platform.saver import Saver
-from shardrec.platform.trainer import DataPaths, Trainer
+from shardrec.checkpoint import store as checkpoint
+from shardrec.train.dist import init_distributed, shutdown
+from shardrec.train.pipeline import make_pipeline
+from shardrec.train.quiet import quiet_libraries
+from shardrec.checkpoint.async_saver import Saver
+from shardrec.train.trainer import DataPaths, Trainer
 
 GB = 1e9
 BATCHES = 32

@@ -79,7 +79,7 @@ def measure(ckpt: Path, out: Path, *, rows: int, dim: int) -> dict[str, float]:
     """One repeat: import-only RSS, cold export (RSS, time), cold cp of the data file (time)."""
     cold = drop_caches()
     # Also brings torch's libraries back into the page cache, so the export's time is its reading.
-    base_rss, import_s = run_measured([sys.executable, "-c", "import torch, shardrec.cli, shardrec.platform.table_export"], out.parent)
+    base_rss, import_s = run_measured([sys.executable, "-c", "import torch, shardrec.cli, shardrec.checkpoint.export_tables"], out.parent)
     rss, export_s = run_measured([sys.executable, "-m", "shardrec.cli", "checkpoint", "export", str(ckpt), "--out", str(out)], out.parent)
     verify(out, rows=rows, dim=dim)
     shutil.rmtree(out)

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from shardrec.launch import cluster
 from shardrec.launch.spawn import worker_pid
-from shardrec.platform import checkpoint
+from shardrec.checkpoint import store as checkpoint
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:

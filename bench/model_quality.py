@@ -16,6 +16,7 @@ The MovieLens folder is ``$SHARDREC_SAMPLE_DATA/movielens100k`` unless ``--input
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import io
 import os
@@ -31,9 +32,10 @@ from shardrec.data.prepare import resolve_data
 from shardrec.job import JobConfig, load_job
 from shardrec.launch.spawn import run_ranks
 from shardrec.models import registry
-from shardrec.platform.dist import init_distributed, shutdown
-from shardrec.platform.quiet import quiet_libraries
-from shardrec.platform.trainer import DataPaths, TrainResult, Trainer, model_tables
+from shardrec.train.dist import init_distributed, shutdown
+from shardrec.train.quiet import quiet_libraries
+from shardrec.train.trainer import DataPaths, TrainResult, Trainer
+from shardrec.sharding.shardable import model_tables
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MODELS = ["widedeep", "deepfm", "dlrm", "dcn", "dcnv2", "xdeepfm", "autoint", "masknet", "wukong", "multitower",
@@ -155,7 +157,8 @@ def _rank(job: JobConfig, run_dir: Path) -> TrainResult:
 def train_job(path: Path, *, run_dir: Path, timeout: float = 3600) -> dict[str, Any]:
     """Trains the job file ``path`` on 2 gloo ranks into ``run_dir``: its eval metrics, samples/s,
     parameter counts, wall seconds and path."""
-    job = resolve_data(load_job(path, []))
+    job = load_job(path, [])
+    job = dataclasses.replace(job, data=resolve_data(job.data, job.features))
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = run_ranks(_rank, job, run_dir, world_size=2, timeout=timeout)[0]

@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from shardrec.platform.quiet import quiet_libraries
+from shardrec.train.quiet import quiet_libraries
 from shardrec.sharding.objectives import choose, plan_for_objective
 from shardrec.sharding.plan_job import input_from_tables
 from shardrec.sharding.planner import from_topology_config

@@ -14,6 +14,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ from shardrec.config import build
 from shardrec.data.prepare import resolve_data
 from shardrec.data.reader import ParquetReader
 from shardrec.data.schema import FeatureSchema
-from shardrec.data.synthetic import generate
+from shardrec.data.synthetic_signal import generate
 from shardrec.job import load_job
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -128,7 +129,8 @@ def main() -> None:
     args = p.parse_args()
     args.tmp.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    job = resolve_data(load_job(None, ["checkpoint.enabled=false"]))
+    job = load_job(None, ["checkpoint.enabled=false"])
+    job = dataclasses.replace(job, data=resolve_data(job.data, job.features))
     criteo = args.tmp / "criteo_shaped.parquet"
     if not criteo.exists():
         generate(job.features, rows=args.rows, path=criteo, seed=7, zipf_a=1.2, row_group_size=16_384)

@@ -36,12 +36,14 @@ from shardrec.config import build, to_dict
 from shardrec.data.batch import Batch
 from shardrec.data.reader import ParquetReader
 from shardrec.data.schema import criteo_schema
-from shardrec.data.synthetic import generate
+from shardrec.data.synthetic_signal import generate
 from shardrec.job import JobConfig
 from shardrec.launch.spawn import run_ranks
-from shardrec.platform.serving import ExportConfig, build_unsharded, export_model
-from shardrec.platform.serving_predict import PredictConfig, predict
-from shardrec.platform.worker import run
+from shardrec.serving.export_model import build_unsharded, export_model
+from shardrec.serving.config import ExportConfig
+from shardrec.serving.predict import predict
+from shardrec.serving.config import PredictConfig
+from shardrec.train.worker import run
 
 MODELS = ("dlrm", "deepfm")
 BATCH = 4096

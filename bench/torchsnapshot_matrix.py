@@ -42,12 +42,13 @@ from helpers import tiny_job_dict  # noqa: E402 - the test suite's tiny job, not
 from shardrec.config import build  # noqa: E402
 from shardrec.job import JobConfig  # noqa: E402
 from shardrec.launch.spawn import _child, free_port, run_ranks  # noqa: E402
-from shardrec.platform.checkpoint import WarmStartConfig, step_dir, table_of_key  # noqa: E402
-from shardrec.platform.dist import init_distributed, shutdown  # noqa: E402
-from shardrec.platform.optim import init_optimizer_state  # noqa: E402
-from shardrec.platform.quiet import quiet_libraries  # noqa: E402
-from shardrec.platform.trainer import DataPaths, Trainer  # noqa: E402
-from shardrec.platform.warm_start import warm_start  # noqa: E402
+from shardrec.checkpoint.store import step_dir, table_of_key
+from shardrec.checkpoint.config import WarmStartConfig
+from shardrec.train.dist import init_distributed, shutdown  # noqa: E402
+from shardrec.train.optim import init_optimizer_state  # noqa: E402
+from shardrec.train.quiet import quiet_libraries  # noqa: E402
+from shardrec.train.trainer import DataPaths, Trainer  # noqa: E402
+from shardrec.checkpoint.warm_start import warm_start  # noqa: E402
 
 SAVE_STEP, TOTAL_STEPS = 4, 8
 CASE_TIMEOUT_S = 300

@@ -23,9 +23,9 @@ from shardrec.data.batch import Batch
 from shardrec.data.prepare import resolve_data
 from shardrec.job import JobConfig, load_job
 from shardrec.launch.spawn import run_ranks
-from shardrec.platform.dist import init_distributed, shutdown
-from shardrec.platform.quiet import quiet_libraries
-from shardrec.platform.trainer import DataPaths, Trainer
+from shardrec.train.dist import init_distributed, shutdown
+from shardrec.train.quiet import quiet_libraries
+from shardrec.train.trainer import DataPaths, Trainer
 
 
 IN_MEMORY_BATCHES = 32
@@ -58,9 +58,9 @@ def measure(job: JobConfig, source: str, run_dir: Path, *, nproc: int, repeats: 
 
 def bench_job(steps: int, pipeline: str, run_dir: Path) -> JobConfig:
     """The default job with ``pipeline``, no evaluation, checkpoints or progress bar."""
-    job = resolve_data(load_job(None, [f"train.steps={steps}", f"train.pipeline={pipeline}", "train.progress_bar=false",
-                                       "checkpoint.enabled=false", f"run.root={run_dir}"]))
-    return dataclasses.replace(job, data=dataclasses.replace(job.data, eval_path=None))
+    job = load_job(None, [f"train.steps={steps}", f"train.pipeline={pipeline}", "train.progress_bar=false",
+                          "checkpoint.enabled=false", f"run.root={run_dir}"])
+    return dataclasses.replace(job, data=dataclasses.replace(resolve_data(job.data, job.features), eval_path=None))
 
 
 def main() -> None:

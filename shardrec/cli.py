@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,9 +16,10 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     from shardrec.data.prepare import resolve_data
     from shardrec.job import load_job
     from shardrec.launch.local import launch
-    from shardrec.platform import run_dir
+    from shardrec.train import run_dir
 
-    job = resolve_data(load_job(args.config, overrides))
+    job = load_job(args.config, overrides)
+    job = dataclasses.replace(job, data=resolve_data(job.data, job.features))
     paths = run_dir.prepare(job, resume=args.resume is not None, resume_path=args.resume or None)
     print(f"run folder: {paths.run_dir}", flush=True)
     rc = launch(nproc=args.nproc, config=paths.config, run_dir=paths.run_dir, resume=paths.resume)
@@ -39,7 +41,7 @@ def _report(run_dir: Path, rc: int) -> int:
 
 def convert_criteo(args: argparse.Namespace, _: list[str]) -> int:
     """``shardrec data criteo --input FILE --output FILE.parquet``."""
-    from shardrec.data.criteo import convert_criteo as convert
+    from shardrec.data.criteo_convert import convert_criteo as convert
 
     stats = convert(Path(args.input), Path(args.output))
     print(f"wrote {args.output}: {stats.rows} rows, {stats.positives} positives")
@@ -63,7 +65,7 @@ def prepare_dataset(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def synth_dataset(args: argparse.Namespace, overrides: list[str]) -> int:
     """``shardrec data synth --output DIR --rows N [--tables SPEC | --config JOB.yaml] [--processes P] [--files F] ...``."""
-    from shardrec.data import synth
+    from shardrec.data import synthetic_at_scale as synth
     from shardrec.errors import ConfigError
 
     if overrides:
@@ -102,8 +104,8 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def inspect(args: argparse.Namespace, overrides: list[str]) -> int:
     """``shardrec checkpoint inspect PATH [--json]``."""
-    from shardrec.platform.checkpoint import resolve_resume
-    from shardrec.platform.inspect import format_inspection, inspect_checkpoint, inspection_json
+    from shardrec.checkpoint.store import resolve_resume
+    from shardrec.checkpoint.inspection import format_inspection, inspect_checkpoint, inspection_json
 
     ins = inspect_checkpoint(resolve_resume(Path(args.path)))
     print(inspection_json(ins) if args.json else format_inspection(ins))
@@ -112,7 +114,7 @@ def inspect(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def reshard(args: argparse.Namespace, _: list[str]) -> int:
     """``shardrec checkpoint reshard PATH --plan NEW.json --out NEW_PATH``."""
-    from shardrec.platform.reshard import reshard_checkpoint
+    from shardrec.checkpoint.reshard import reshard_checkpoint
 
     done = reshard_checkpoint(Path(args.path), plan=args.plan, out=args.out)
     print(f"wrote {done['checkpoint']}: {done['tables']} tables laid out as {done['plan']}")
@@ -121,7 +123,7 @@ def reshard(args: argparse.Namespace, _: list[str]) -> int:
 
 def export_tables(args: argparse.Namespace, _: list[str]) -> int:
     """``shardrec checkpoint export PATH --out DIR``."""
-    from shardrec.platform.table_export import export_checkpoint
+    from shardrec.checkpoint.export_tables import export_checkpoint
 
     manifest = export_checkpoint(Path(args.path), args.out)
     print(f"wrote {args.out}: {len(manifest['tables'])} tables, {len(manifest['dense']['tensors'])} dense tensors, "
@@ -132,7 +134,8 @@ def export_tables(args: argparse.Namespace, _: list[str]) -> int:
 def export_serving(args: argparse.Namespace, _: list[str]) -> int:
     """``shardrec export CHECKPOINT --out DIR [--quantize int8|int4|fp16|none] [--table-quantize TABLE=KIND ...]``."""
     from shardrec.errors import ConfigError
-    from shardrec.platform.serving import ExportConfig, export_model
+    from shardrec.serving.export_model import export_model
+    from shardrec.serving.config import ExportConfig
 
     pairs = [item.partition("=") for item in args.table_quantize]
     if any(not sep for _, sep, _ in pairs):
@@ -147,7 +150,8 @@ def export_serving(args: argparse.Namespace, _: list[str]) -> int:
 
 def predict(args: argparse.Namespace, _: list[str]) -> int:
     """``shardrec predict --model DIR --data PATH --out FILE.parquet --id-column NAME``."""
-    from shardrec.platform.serving_predict import PredictConfig, predict as run_predict
+    from shardrec.serving.predict import predict as run_predict
+    from shardrec.serving.config import PredictConfig
 
     cfg = PredictConfig(model=args.model, data=args.data, out=args.out, id_column=args.id_column, batch_size=args.batch_size,
                         progress_bar=not args.no_progress)

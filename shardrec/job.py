@@ -9,15 +9,14 @@ from typing import Any
 
 import yaml
 
-from shardrec.platform.checkpoint import CheckpointConfig
+from shardrec.checkpoint.config import CheckpointConfig
 from shardrec.config import apply_overrides, build, load_yaml, to_dict
 from shardrec.data.config import DataConfig
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models import registry
-from shardrec.platform.retrieval_eval import catalogue_checks
-from shardrec.platform.train_config import TrainConfig
 from shardrec.sharding.config import ShardingConfig
+from shardrec.train.config import TrainConfig
 
 
 @dataclass(kw_only=True)
@@ -68,7 +67,7 @@ class JobConfig:
                 f"model '{self.model_name}' is evaluated by ranking every item: set data.items_path to the item catalogue "
                 "(Parquet, one row per item; shardrec data prepare movielens writes items.parquet), or unset data.eval_path"
             )
-        catalogue_checks(self.features, self.train.retrieval.exclude_feature)
+        self.train.retrieval.check_exclude_feature(self.features.unweighted_names)
 
     @property
     def model_name(self) -> str:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from shardrec.config import build, to_dict
 from shardrec.data.schema import DenseFeature, FeatureSchema, NegativeSampling, SparseFeature, TableConfig, criteo_schema
-from shardrec.data.synthetic import generate
+from shardrec.data.synthetic_signal import generate
 from shardrec.job import JobConfig
 from shardrec.models import registry
 

@@ -28,7 +28,7 @@ from shardrec.errors import ConfigError, LaunchError
 from shardrec.job import JobConfig, dump_job, load_job
 from shardrec.launch import components
 from shardrec.output import write_atomic
-from shardrec.platform import run_dir as run_dirs
+from shardrec.train import run_dir as run_dirs
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def prepare(config: Path | None, overrides: list[str], launch: LaunchConfig, *, 
     traits = SCHEDULERS[launch.scheduler]
     job = load_job(config, overrides)
     if traits.host_files:  # the data are where the ranks read them: check them (or make them) here
-        job = resolve_data(job)
+        job = dataclasses.replace(job, data=resolve_data(job.data, job.features))
     _check_devices(job, launch)
     run_dir = run_dirs.new_run(job).resolve()
     target = _Target(launch, traits)

@@ -24,7 +24,7 @@ _FRESH_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 ROLE = "trainer"
 """Name of the job's one role; its replicas are the nodes."""
-WORKER = "shardrec.platform.worker"
+WORKER = "shardrec.train.worker"
 
 
 def train(

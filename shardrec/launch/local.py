@@ -12,7 +12,7 @@ def torchrun_command(*, nproc: int, config: Path, run_dir: Path, resume: Path | 
     """The torchrun command line that starts ``nproc`` ranks of the worker on this machine."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "shardrec.platform.worker", "--config", str(config), "--run-dir", str(run_dir),
+        "-m", "shardrec.train.worker", "--config", str(config), "--run-dir", str(run_dir),
     ]
     if resume is not None:
         cmd += ["--resume", str(resume)]
@@ -22,7 +22,7 @@ def torchrun_command(*, nproc: int, config: Path, run_dir: Path, resume: Path | 
 def launch(*, nproc: int, config: Path, run_dir: Path, resume: Path | None) -> int:
     """Starts the ranks and waits for them; returns the exit code (0 on success)."""
     if nproc == 1:
-        from shardrec.platform.worker import main
+        from shardrec.train.worker import main
 
         args = ["--config", str(config), "--run-dir", str(run_dir)] + (["--resume", str(resume)] if resume else [])
         return main(args)

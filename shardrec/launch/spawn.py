@@ -67,6 +67,6 @@ def worker_pid(run_dir: Path, *, rank: int) -> int:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if b"shardrec.platform.worker" in cmdline and str(run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ:
+        if b"shardrec.train.worker" in cmdline and str(run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ:
             return int(proc.name)
     raise LookupError(f"no worker of rank {rank} runs for {run_dir}")

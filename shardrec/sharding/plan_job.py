@@ -25,14 +25,16 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from shardrec.config import build, convert, load_yaml
 from shardrec.errors import ConfigError
+from shardrec.job import load_job
 from shardrec.output import write_atomic
-from shardrec.platform.optim import SparseOptimizerConfig, fuse_sparse_optimizer
 from shardrec.sharding.config import ComputeKernelName, ShardingConfig, ShardingTypeName, TableConstraint
 from shardrec.sharding.objectives import Objective, Outcome, plan_for_objective
 from shardrec.sharding.plan_file import read_plan_file
 from shardrec.sharding.planner import TopologySpec, plan_rows
 from shardrec.sharding.report import report_dict
+from shardrec.sharding.shardable import fuse_sparse_optimizer, meta_model
 from shardrec.sharding.topology import TopologyConfig, parse_topology
+from shardrec.train.config import SparseOptimizerConfig
 
 
 @dataclass(kw_only=True)
@@ -157,15 +159,9 @@ def input_from_tables(path: Path) -> PlanInput:
 
 def input_from_job(path: Path, overrides: list[str]) -> PlanInput:
     """A job config's model (built on meta, with its sparse optimizer fused) as a PlanInput."""
-    from shardrec.job import load_job
-    from shardrec.models import registry
-    from shardrec.platform.pipeline import TrainModule
-    from shardrec.platform.trainer import model_tables
-
     job = load_job(path, overrides)
-    model = TrainModule(registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta")))
-    fuse_sparse_optimizer(model, job.train.sparse_optimizer)
-    return PlanInput(model=model, tables=model_tables(model), sharding=job.sharding, pooling=None)
+    meta = meta_model(job)
+    return PlanInput(model=meta.module, tables=meta.tables, sharding=job.sharding, pooling=None)
 
 
 def read_topology(text: str) -> TopologyConfig:

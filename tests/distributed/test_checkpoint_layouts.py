@@ -1,5 +1,5 @@
 """Tables change layout: the optimizer state follows them on load (column-wise <-> table-wise,
-data-parallel <-> fused; shardrec/platform/relayout.py), and the offline tools rewrite a
+data-parallel <-> fused; shardrec/checkpoint/relayout.py), and the offline tools rewrite a
 checkpoint for a new plan (``checkpoint reshard``) or as plain per-table files (``checkpoint export``)."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import yaml
 
 from helpers import tiny_job_dict
 from shardrec.errors import CheckpointError
-from shardrec.platform.checkpoint import load
-from shardrec.platform.reshard import reshard_checkpoint
-from shardrec.platform.saved import SavedCheckpoint
-from shardrec.platform.table_export import export_checkpoint
+from shardrec.checkpoint.store import load
+from shardrec.checkpoint.reshard import reshard_checkpoint
+from shardrec.checkpoint.dcp_reader import SavedCheckpoint
+from shardrec.checkpoint.export_tables import export_checkpoint
 
 P = "model.ebc.embedding_bags"
 BEFORE = {"t_C3": "column_wise", "t_C5": "table_wise", "t_C4": "data_parallel", "t_C2": "row_wise"}

@@ -8,7 +8,7 @@ from pathlib import Path
 from helpers import tiny_job
 from shardrec.errors import RankLostError
 from shardrec.launch.spawn import run_ranks
-from shardrec.platform.worker import run
+from shardrec.train.worker import run
 
 TIMEOUT_S = 10
 

@@ -9,7 +9,7 @@ import torch
 
 from helpers import tiny_job
 from shardrec.launch.spawn import run_ranks
-from shardrec.platform.worker import run
+from shardrec.train.worker import run
 from shardrec.sharding.sharders import ALL_SHARDING_TYPES
 
 

@@ -11,7 +11,7 @@ import yaml
 from helpers import TINY_ROWS, tiny_job, tiny_job_dict
 from shardrec.errors import PlanError
 from shardrec.launch.spawn import run_ranks
-from shardrec.platform.worker import run
+from shardrec.train.worker import run
 from shardrec.sharding.plan_file import load_plan
 from shardrec.sharding.plan_job import PlanInput, input_from_job, plan_command
 from shardrec.sharding.topology import TopologyConfig

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from helpers import SEQ_ITEMS, tiny_job
 from shardrec.launch.spawn import run_ranks
 from shardrec.models import registry
-from shardrec.platform.worker import run
+from shardrec.train.worker import run
 
 
 # YouTubeDNN's sampled softmax over 16 negatives and HLLM's item transformer, trained from text

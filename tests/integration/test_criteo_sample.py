@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from shardrec.config import build, to_dict
-from shardrec.data.criteo import convert_criteo
+from shardrec.data.criteo_convert import convert_criteo
 from shardrec.data.schema import criteo_schema
 from shardrec.job import JobConfig
 from shardrec.launch.spawn import run_ranks
-from shardrec.platform.worker import run
+from shardrec.train.worker import run
 
 
 def _train(job: JobConfig, run_dir: Path) -> list[float]:

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from helpers import tiny_job_dict
 from shardrec.launch import cluster
 from shardrec.launch.spawn import free_port, worker_pid
-from shardrec.platform import checkpoint
+from shardrec.checkpoint import store as checkpoint
 
 STEPS, INTERVAL = 40, 10
 
@@ -72,7 +72,7 @@ def test_stock_torchx_cli_takes_the_component(job: Path) -> None:
                            "--max_restarts", "2", "--", "--train.steps=5"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = re.sub(r"""['"]\n\s+['"]""", "", done.stdout)  # pprint splits long strings over lines
-    for part in ("--nnodes=2 --nproc-per-node=1", "--max-restarts=2", f"-m shardrec.platform.worker --config {job}",
+    for part in ("--nnodes=2 --nproc-per-node=1", "--max-restarts=2", f"-m shardrec.train.worker --config {job}",
                  "--resume auto --train.steps=5", "TORCHX_RANK0_HOST"):
         assert part in printed, part
 

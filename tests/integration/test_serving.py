@@ -24,12 +24,14 @@ from shardrec.errors import CheckpointError, ConfigError, DataError
 from shardrec.job import JobConfig, load_job
 from shardrec.launch.spawn import run_ranks
 from shardrec.models import registry
-from shardrec.platform.metrics import auc
-from shardrec.platform.saved import SavedCheckpoint
-from shardrec.platform.retrieval_eval import catalogue_kjt, read_catalogue
-from shardrec.platform.serving import SAVED_PREFIX, ExportConfig, export_model, tower_inputs
-from shardrec.platform.serving_predict import PredictConfig, predict
-from shardrec.platform.worker import run
+from shardrec.train.metrics import auc
+from shardrec.checkpoint.dcp_reader import SavedCheckpoint
+from shardrec.data.catalogue import catalogue_kjt, read_catalogue
+from shardrec.serving.export_model import SAVED_PREFIX, export_model, tower_inputs
+from shardrec.serving.config import ExportConfig
+from shardrec.serving.predict import predict
+from shardrec.serving.config import PredictConfig
+from shardrec.train.worker import run
 
 MODELS = ["dlrm", "deepfm", "din", "mmoe"]
 ID_COLUMN = {"dlrm": "C1", "deepfm": "C1", "din": "user_id", "mmoe": "C1"}

@@ -11,15 +11,8 @@ import torch
 
 from shardrec.config import build
 from shardrec.errors import CheckpointError, ConfigError
-from shardrec.platform.checkpoint import (
-    META_FILE,
-    CheckpointConfig,
-    committed,
-    latest,
-    read_meta,
-    resolve_resume,
-    step_dir,
-)
+from shardrec.checkpoint.store import META_FILE, committed, latest, read_meta, resolve_resume, step_dir
+from shardrec.checkpoint.config import CheckpointConfig
 
 
 def _commit(root: Path, step: int, **extra: object) -> Path:
@@ -202,7 +195,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path: Path) -> No
 
     import numpy as np
 
-    from shardrec.platform.rng import rng_states, set_rng_states
+    from shardrec.train.rng import rng_states, set_rng_states
 
     torch.manual_seed(3)
     torch.save(rng_states(), tmp_path / "rng.pt")

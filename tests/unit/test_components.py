@@ -19,7 +19,7 @@ from helpers import tiny_job_dict
 from shardrec.cli import main as cli_main
 from shardrec.errors import PlanError
 from shardrec.launch import cluster, components
-from shardrec.platform.worker import main as worker_main, parse_args
+from shardrec.train.worker import main as worker_main, parse_args
 from shardrec.sharding.config import ShardingConfig
 from shardrec.sharding.plan_file import check_plan
 from shardrec.sharding.planner import topology_spec, torchrec_topology
@@ -56,7 +56,7 @@ def test_component_runs_under_the_stock_torchx_cli() -> None:
     assert role.mounts == [BindMount(src_path="/data", dst_path="/data", read_only=True)]
     command = role.args[1]
     for part in ["--nnodes=2", "--nproc-per-node=4", "--max-restarts=3", "--rdzv-backend=c10d", "'--rdzv-id=${app_id}'",
-                 "--rdzv-endpoint=$${${rank0_env}:=localhost}:29500", "-m shardrec.platform.worker --config /jobs/dlrm.yaml",
+                 "--rdzv-endpoint=$${${rank0_env}:=localhost}:29500", "-m shardrec.train.worker --config /jobs/dlrm.yaml",
                  "--run-id '${app_id}' --resume auto --train.steps=5"]:
         assert part in command
 

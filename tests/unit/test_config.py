@@ -15,7 +15,7 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.job import JobConfig, default_job_text, dump_job, load_job
 from shardrec.models import registry
-from shardrec.platform.train_config import TrainConfig
+from shardrec.train.config import TrainConfig
 
 TRAIN_KEYS = (
     "dense_optimizer, epochs, eval_batches, eval_interval, log_interval, lr_schedule, pipeline, progress_bar, retrieval, seed, "
@@ -438,7 +438,8 @@ def test_several_labels_need_a_multi_task_model(tmp_path: Path) -> None:
 
 
 def test_sparse_adam_on_cpu_is_a_config_error_naming_the_choices() -> None:
-    from shardrec.platform.optim import SparseOptimizerConfig, check_sparse_optimizer
+    from shardrec.train.config import SparseOptimizerConfig
+    from shardrec.sharding.shardable import check_sparse_optimizer
 
     with pytest.raises(ConfigError, match=r"train\.sparse_optimizer\.name 'adam'.*rowwise_adagrad, adagrad, sgd"):
         check_sparse_optimizer(SparseOptimizerConfig(name="adam"), device_type="cpu")

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shardrec.data import criteo
-from shardrec.data.criteo import COLUMNS, convert_criteo
+from shardrec.data import criteo_convert as criteo
+from shardrec.data.criteo_convert import COLUMNS, convert_criteo
 from shardrec.errors import DataError
 
 HEADER = COLUMNS

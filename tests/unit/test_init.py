@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from shardrec.platform.init import table_block, table_slice
+from shardrec.train.weight_init import table_block, table_slice
 
 ROWS = 70_000  # more than one 65,536-row block
 DIM = 4

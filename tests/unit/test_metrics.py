@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardrec.platform.metrics import MetricsLog, auc, eval_metrics, gather, log_loss
+from shardrec.train.metrics import MetricsLog, auc, eval_metrics, gather, log_loss
 
 
 def _pairwise_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -139,7 +139,7 @@ def test_metrics_log_disabled_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_eval_metrics_per_task_for_two_label_columns() -> None:
-    from shardrec.platform.metrics import auc as auc_fn, eval_metrics
+    from shardrec.train.metrics import auc as auc_fn, eval_metrics
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(200, 2, generator=g)

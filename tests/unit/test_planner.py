@@ -16,8 +16,9 @@ from torchrec.distributed.types import ShardingPlan
 from shardrec.data.schema import FeatureSchema, criteo_schema
 from shardrec.errors import ConfigError, PlanError
 from shardrec.models.registry import build_model
-from shardrec.platform.optim import SparseOptimizerConfig, fuse_sparse_optimizer
-from shardrec.platform.pipeline import TrainModule
+from shardrec.train.config import SparseOptimizerConfig
+from shardrec.sharding.shardable import fuse_sparse_optimizer
+from shardrec.sharding.shardable import TrainModule
 from shardrec.sharding.config import ShardingConfig, TableConstraint
 from shardrec.sharding.planner import (
     GiB,

@@ -16,7 +16,7 @@ from shardrec.models.autoint import DenseFieldEmbedding, InteractingLayer
 from shardrec.models.dcn import CrossLayer
 from shardrec.models.dcnv2 import LowRankMixtureCrossLayer, MatrixCrossLayer
 from shardrec.models.xdeepfm import CIN, cin_layer
-from shardrec.platform.init import init_dense
+from shardrec.train.weight_init import init_dense
 
 CPU = torch.device("cpu")
 ROWS = 20

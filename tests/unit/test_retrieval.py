@@ -20,7 +20,8 @@ from shardrec.data.schema import FeatureSchema, SparseFeature
 from shardrec.errors import ConfigError, DataError
 from shardrec.job import JobConfig
 from shardrec.models.retrieval import FrequencyEstimator, bpr, in_batch_softmax, sampled_softmax
-from shardrec.platform.retrieval_eval import catalogue_kjt, ranking_metrics, read_catalogue, topk_items
+from shardrec.train.retrieval_eval import ranking_metrics, topk_items
+from shardrec.data.catalogue import catalogue_kjt, read_catalogue
 
 
 def test_ranking_metrics_match_a_hand_computed_example() -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from shardrec.platform.checkpoint import committed, latest, load
-from shardrec.platform.saver import Saver, stage
+from shardrec.checkpoint.store import committed, latest, load
+from shardrec.checkpoint.async_saver import Saver, stage
 
 
 def test_stage_copies_tensors_so_later_updates_do_not_leak_in() -> None:
@@ -47,7 +47,7 @@ def test_saves_commit_with_meta_and_prune(tmp_path: Path, asynchronous: bool) ->
 _KILLED = """
 import os, sys, torch
 from torch import nn
-from shardrec.platform.saver import Saver
+from shardrec.checkpoint.async_saver import Saver
 model = nn.Linear(2048, 2048)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 saver = Saver(__import__("pathlib").Path(sys.argv[1]), is_main=True, keep_last_n=3, asynchronous=True)

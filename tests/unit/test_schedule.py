@@ -11,7 +11,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBat
 from helpers import tiny_job
 from shardrec.errors import ConfigError
 from shardrec.launch.spawn import run_ranks
-from shardrec.platform.schedule import LRSchedule, LRScheduleConfig, lr_factor
+from shardrec.train.schedule import LRSchedule, lr_factor
+from shardrec.train.config import LRScheduleConfig
 
 
 def test_warmup_then_cosine_to_min_ratio() -> None:
@@ -42,8 +43,8 @@ def _kernels(optimizer: object) -> list[SplitTableBatchedEmbeddingBagsCodegen]:
 
 
 def _rates(tmp: Path) -> tuple[list[float], list[float]]:
-    from shardrec.platform.dist import init_distributed, shutdown
-    from shardrec.platform.trainer import DataPaths, Trainer
+    from shardrec.train.dist import init_distributed, shutdown
+    from shardrec.train.trainer import DataPaths, Trainer
 
     job = tiny_job(tmp, sharding={"default": {"sharding_types": ["table_wise"]}})
     ctx = init_distributed(compute_device="cpu", timeout_s=60)

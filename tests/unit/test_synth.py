@@ -13,10 +13,10 @@ import yaml
 
 from shardrec import cli
 from shardrec.config import build, load_yaml
-from shardrec.data import synth, synthetic
+from shardrec.data import synthetic_at_scale as synth, synthetic_signal as synthetic
 from shardrec.data.reader import ParquetReader, validate_parquet
 from shardrec.data.schema import FeatureSchema, TableConfig
-from shardrec.data.synth import IdShape, Layout, SynthConfig, alias_table, load_layout, parse_spec, write_dataset
+from shardrec.data.synthetic_at_scale import IdShape, Layout, SynthConfig, alias_table, load_layout, parse_spec, write_dataset
 from shardrec.errors import ConfigError, DataError
 from shardrec.job import default_job_text
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shardrec.data import synthetic
+from shardrec.data import synthetic_signal as synthetic
 from shardrec.data.config import DataConfig, SyntheticConfig
 from shardrec.data.schema import DenseFeature, FeatureSchema, SparseFeature, TableConfig, criteo_schema
-from shardrec.data.synthetic import ensure_synthetic, generate, oracle_logit
+from shardrec.data.synthetic_signal import ensure_synthetic, generate, oracle_logit
 from shardrec.errors import ConfigError
 
 

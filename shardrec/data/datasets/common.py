@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import yaml
 
 # The Criteo converter's bisection finds the first value arrow cannot cast, the same way here.
-from shardrec.data.criteo import first_unparsable
+from shardrec.data.criteo_convert import first_unparsable
 from shardrec.data.schema import DenseFeature, FeatureSchema, SparseFeature, TableConfig
 from shardrec.errors import ConfigError, DataError
 from shardrec.output import write_atomic

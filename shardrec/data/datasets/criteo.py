@@ -2,7 +2,7 @@
 
 Input (``--input``): one Criteo text file (TSV without header, ``.gz`` too, or the comma-separated
 sample with a header line), or a folder of day files. Every file goes through
-:func:`shardrec.data.criteo.convert_criteo`, which documents the columns.
+:func:`shardrec.data.criteo_convert.convert_criteo`, which documents the columns.
 
 * A folder: each non-hidden file, in natural order (``day_2`` before ``day_10``), becomes
   ``train/<name>.parquet``, except the eval file, which becomes ``eval/<name>.parquet``: the last
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from shardrec.data.criteo import OUTPUT_SCHEMA, convert_criteo
+from shardrec.data.criteo_convert import OUTPUT_SCHEMA, convert_criteo
 from shardrec.data.datasets.common import BaseOptions, Layout
 from shardrec.data.schema import criteo_schema
 from shardrec.errors import ConfigError, DataError

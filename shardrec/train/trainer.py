@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipeline
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from tqdm import tqdm
 
 from shardrec.data.batch import Batch
@@ -23,26 +22,22 @@ from shardrec.data.reader import ParquetReader
 from shardrec.data.sources import resolve
 from shardrec.job import JobConfig, dump_job
 from shardrec.models import registry
-from shardrec.platform import checkpoint
-from shardrec.platform.dist import DistContext
-from shardrec.platform.init import init_dense, init_tables
-from shardrec.platform.metrics import MetricsLog, eval_metrics
-from shardrec.platform.optim import build_optimizer, check_sparse_optimizer, fuse_sparse_optimizer, init_optimizer_state
-from shardrec.platform.warm_start import warm_start
-from shardrec.platform.rng import rng_states, set_rng_states
-from shardrec.platform.schedule import LRSchedule
-from shardrec.platform.saver import Saver
-from shardrec.platform.pipeline import TrainModule, eval_model, make_pipeline, resume_training
-from shardrec.platform.retrieval_eval import (
-    Catalogue,
-    embed_catalogue,
-    evaluate_retrieval,
-    read_catalogue,
-    write_item_embeddings,
-)
+from shardrec.checkpoint import store as checkpoint
+from shardrec.train.dist import DistContext
+from shardrec.train.weight_init import init_dense, init_tables
+from shardrec.train.metrics import MetricsLog, eval_metrics
+from shardrec.train.optim import build_optimizer, init_optimizer_state
+from shardrec.checkpoint.warm_start import warm_start
+from shardrec.train.rng import rng_states, set_rng_states
+from shardrec.train.schedule import LRSchedule
+from shardrec.checkpoint.async_saver import Saver
+from shardrec.train.pipeline import eval_model, make_pipeline, resume_training
+from shardrec.train.retrieval_eval import embed_catalogue, evaluate_retrieval
+from shardrec.data.catalogue import Catalogue, read_catalogue, write_item_embeddings
 from shardrec.sharding.plan_file import load_plan
 from shardrec.sharding.objectives import collective_plan_for_objective
 from shardrec.sharding.planner import format_plan, plan_rows, save_plan, topology_spec
+from shardrec.sharding.shardable import meta_model
 from shardrec.sharding.sharders import default_sharders
 
 
@@ -100,10 +95,8 @@ class Trainer:
     def build_model(self) -> DistributedModelParallel:
         """Builds on meta, plans, shards and initializes the model independently of the plan."""
         job, ctx = self.job, self.ctx
-        module = TrainModule(registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta")))
-        tables = model_tables(module)
-        check_sparse_optimizer(job.train.sparse_optimizer, device_type=ctx.device.type)
-        fuse_sparse_optimizer(module, job.train.sparse_optimizer)
+        meta = meta_model(job, device_type=ctx.device.type)
+        module, tables = meta.module, meta.tables
         spec = topology_spec(
             job.sharding, world_size=ctx.world_size, local_world_size=ctx.local_world_size, batch_size=job.data.batch_size
         )
@@ -373,19 +366,6 @@ class _Progress:
     def close(self) -> None:
         """Closes the progress bar."""
         self.bar.close()
-
-
-def model_tables(module: nn.Module) -> dict[str, tuple[int, int]]:
-    """Every embedding table of ``module``: name -> (rows, dim)."""
-    out: dict[str, tuple[int, int]] = {}
-    for m in module.modules():
-        if isinstance(m, EmbeddingBagCollection):
-            for cfg in m.embedding_bag_configs():
-                out[cfg.name] = (cfg.num_embeddings, cfg.embedding_dim)
-        elif isinstance(m, EmbeddingCollection):
-            for cfg in m.embedding_configs():
-                out[cfg.name] = (cfg.num_embeddings, cfg.embedding_dim)
-    return out
 
 
 def summary(result: TrainResult) -> dict[str, Any]:

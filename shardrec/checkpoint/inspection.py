@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from shardrec.errors import CheckpointError
 from shardrec.output import text_table
-from shardrec.platform.checkpoint import read_meta, table_of_key
+from shardrec.checkpoint.store import read_meta, table_of_key
 
 @dataclass
 class TableEntry:

@@ -1,7 +1,7 @@
 """``shardrec export``: a checkpoint as a self-contained TorchScript artifact for serving.
 
 The checkpoint (any world size, any plan) is read straight from its DCP files into one unsharded
-CPU model (platform/saved.py), its embedding collections are quantized with TorchRec's inference
+CPU model (shardrec/checkpoint/dcp_reader.py), its embedding collections are quantized with TorchRec's inference
 quantization (``torchrec.inference.modules.quantize_embeddings``: FBGEMM inference TBEs, one dtype
 per table allowed), and the model, wrapped so that its forward takes plain tensors, is traced with
 ``torchrec.fx`` and scripted. The folder holds::
@@ -29,9 +29,8 @@ in a process that imports only torch and fbgemm_gpu.
 # traced code, and TorchScript cannot read them as strings.
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -49,11 +48,11 @@ from shardrec.errors import CheckpointError, ConfigError
 from shardrec.job import JobConfig, load_job
 from shardrec.models import registry
 from shardrec.output import atomic_folder
-from shardrec.platform.checkpoint import first_problems, read_meta, resolve_resume, table_of_key
-from shardrec.platform.retrieval_eval import Catalogue, catalogue_kjt, read_catalogue, write_item_embeddings
-from shardrec.platform.saved import SavedCheckpoint
+from shardrec.checkpoint.store import first_problems, read_meta, resolve_resume, table_of_key
+from shardrec.data.catalogue import Catalogue, catalogue_kjt, read_catalogue, write_item_embeddings
+from shardrec.checkpoint.dcp_reader import SavedCheckpoint
+from shardrec.serving.config import ExportConfig, Quantize
 
-Quantize = Literal["int8", "int4", "fp16", "none"]
 DTYPES: dict[str, torch.dtype] = {"int8": torch.qint8, "int4": torch.quint4x2, "fp16": torch.float16, "none": torch.float32}
 """Weight dtype of each ``--quantize`` choice; ``none`` keeps float32 weights in the inference kernels."""
 SAVED_PREFIX = "model.model."
@@ -66,27 +65,6 @@ ITEM_BATCH = 4096
 MANIFEST = "manifest.json"
 FORMAT = 1
 """Version of the artifact layout (file names, forward signature, manifest keys)."""
-
-
-@dataclass(kw_only=True)
-class ExportConfig:
-    """What ``shardrec export`` reads and writes."""
-
-    checkpoint: Path
-    """A checkpoints/step-N folder, or a run folder (its latest checkpoint)."""
-    out: Path
-    """Folder to write; must not exist."""
-    quantize: Quantize = "none"
-    """Weight dtype of every table: int8, int4, fp16, or none (float32)."""
-    table_quantize: dict[str, Quantize] = field(default_factory=dict)
-    """Table name -> its own weight dtype, overriding ``quantize``."""
-    config: Path | None = None
-    """Job file whose model and features to export; default the checkpoint's own config.yaml."""
-
-    def __post_init__(self) -> None:
-        for key, value in [("quantize", self.quantize), *((f"table_quantize.{t}", q) for t, q in self.table_quantize.items())]:
-            if value not in DTYPES:
-                raise ConfigError(f"invalid value {value!r} for '{key}'; valid choices: {', '.join(DTYPES)}")
 
 
 def export_model(cfg: ExportConfig) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Each sparse feature draws ids from its own table with a power law (id rank ``r`` has probability
 ~ ``r**-zipf_a``; ranks map to ids through the per-table permutation of :mod:`synthetic`), one id
 per row or a ``list<int64>`` of them for multi-hot tables. Dense values, the per-id weights and the
-planted label signal are those of :mod:`shardrec.data.synthetic`. The hottest ids are drawn in O(1)
+planted label signal are those of :mod:`shardrec.data.synthetic_signal`. The hottest ids are drawn in O(1)
 each with Walker's alias method instead of a binary search, which is what makes this generator fast.
 Multi-hot rows pool their ids' weights as sum / sqrt(length), so the label keeps its calibration.
 
@@ -39,7 +39,7 @@ import yaml
 
 from shardrec.config import build, load_yaml, to_dict
 from shardrec.data.schema import DenseFeature, FeatureSchema, SparseFeature, TableConfig
-from shardrec.data.synthetic import (
+from shardrec.data.synthetic_signal import (
     _NOISE_STD,
     _POSITIVE_RATE,
     _dense_part,

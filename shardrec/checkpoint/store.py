@@ -6,14 +6,13 @@ Layout of a run folder::
     checkpoints/step-00000300.tmp/  a save in progress or interrupted; never read
 
 A checkpoint is written under a ``.tmp`` name and renamed by rank 0 once every rank has finished
-(shardrec/platform/saver.py), so a crash during a save leaves the previous checkpoint as the latest.
+(shardrec/checkpoint/async_saver.py), so a crash during a save leaves the previous checkpoint as the latest.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,54 +26,14 @@ from torch import nn
 from torch.optim import Optimizer
 
 from shardrec import __version__
-from shardrec.errors import CheckpointError, ConfigError
-from shardrec.platform import relayout
-from shardrec.platform.saved import SavedCheckpoint
+from shardrec.errors import CheckpointError
+from shardrec.checkpoint import relayout
+from shardrec.checkpoint.dcp_reader import SavedCheckpoint
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 META_FILE = "meta.json"
 FORMAT = 1
 """Version of the checkpoint layout (meta.json, rank files, key names) this shardrec writes and reads."""
-
-
-@dataclass(kw_only=True)
-class WarmStartConfig:
-    """Where a new run takes its initial weights from (shardrec/platform/warm_start.py)."""
-
-    path: str
-    """A checkpoint (checkpoints/step-N) or a run folder (its latest checkpoint)."""
-    tables: dict[str, str] = field(default_factory=dict)
-    """New table name -> table name in the checkpoint, for tables that were renamed."""
-    optimizer: bool = True
-    """Also take the optimizer state (false: fresh optimizers)."""
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ConfigError("checkpoint.warm_start.path must name a checkpoint or run folder")
-
-
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    """When checkpoints are written and how many are kept."""
-
-    enabled: bool = True
-    """Write checkpoints at all."""
-    interval: int = 0
-    """Save every this many steps; 0: only at the end of training."""
-    keep_last_n: int = 3
-    """Committed checkpoints to keep; older ones are removed after a new one commits."""
-    async_save: bool = False
-    """Write checkpoints in the background (DCP async_save, staged to host memory first, at most one
-    in flight) while training goes on; a save commits when the next one starts or training ends."""
-    warm_start: WarmStartConfig | None = None
-    """Start a new run from another run's checkpoint (ignored with --resume)."""
-
-    def __post_init__(self) -> None:
-        if self.interval < 0:
-            raise ConfigError(f"checkpoint.interval must be >= 0, got {self.interval}")
-        if self.keep_last_n < 1:
-            raise ConfigError(f"checkpoint.keep_last_n must be >= 1, got {self.keep_last_n}")
-
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -125,12 +84,12 @@ def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = Tru
     """Loads ``path`` into ``model`` and ``optimizer`` in place and returns its meta (step ...).
 
     Each rank reads the rows of its own shards straight from the DCP files into the model's memory
-    (platform/saved.py: one pass, no collectives), so the checkpoint may come from another world
+    (shardrec/checkpoint/dcp_reader.py: one pass, no collectives), so the checkpoint may come from another world
     size or plan. Every model
     tensor must be in the checkpoint with the same global shape, or this raises a CheckpointError
     naming what differs. Optimizer state that the checkpoint holds in another layout (a table that
     was column-wise and is table-wise now, or data-parallel and fused now) is converted
-    (shardrec/platform/relayout.py); what cannot be converted starts from zero, with a warning
+    (shardrec/checkpoint/relayout.py); what cannot be converted starts from zero, with a warning
     naming the tables (``warn`` on rank 0).
     """
     meta = read_meta(path)

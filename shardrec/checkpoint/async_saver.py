@@ -29,7 +29,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.optim import Optimizer
 
 from shardrec import __version__
-from shardrec.platform.checkpoint import FORMAT, META_FILE, committed, rank_file, step_dir
+from shardrec.checkpoint.store import FORMAT, META_FILE, committed, rank_file, step_dir
 
 
 @dataclass

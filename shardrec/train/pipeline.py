@@ -8,21 +8,6 @@ import torch
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineBase, TrainPipelineSparseDist
 
-from shardrec.data.batch import Batch
-from shardrec.models.registry import training_loss
-
-
-class TrainModule(nn.Module):
-    """Wraps a zoo model: ``forward(batch) -> (loss, (loss, logits, labels))`` as torchrec pipelines expect."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        outputs = self.model(batch.dense_features, batch.sparse_features)
-        loss, logits = training_loss(self.model, outputs, batch.labels)
-        return loss, (loss.detach(), logits.detach(), batch.labels)
 
 
 PipelineKind = Literal["auto", "sparse_dist", "base"]

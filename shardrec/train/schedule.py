@@ -10,35 +10,13 @@ kernel in ``step()``, which does no update itself (the update ran inside backwar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 from torchrec.optim.keyed import KeyedOptimizer
 
-from shardrec.errors import ConfigError
+from shardrec.train.config import LRScheduleConfig
 
-
-@dataclass(kw_only=True)
-class LRScheduleConfig:
-    """The ``train.lr_schedule`` section: a multiplier on every learning rate, by step."""
-
-    warmup_steps: int = 0
-    """Steps over which the rate rises linearly from 1/warmup_steps of its value to all of it."""
-    decay: Literal["constant", "linear", "cosine"] = "constant"
-    """After warm-up: keep the rate, or decay it linearly or along a half cosine to min_ratio."""
-    decay_steps: int | None = None
-    """Steps of the decay after warm-up; unset: until the end of training."""
-    min_ratio: float = 0.0
-    """Fraction of the rate left at the end of the decay."""
-
-    def __post_init__(self) -> None:
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.lr_schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.decay_steps is not None and self.decay_steps <= 0:
-            raise ConfigError(f"train.lr_schedule.decay_steps must be > 0, got {self.decay_steps}")
-        if not 0.0 <= self.min_ratio <= 1.0:
-            raise ConfigError(f"train.lr_schedule.min_ratio must be in [0, 1], got {self.min_ratio}")
 
 
 def lr_factor(cfg: LRScheduleConfig, step: int, *, total_steps: int) -> float:

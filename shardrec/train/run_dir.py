@@ -9,7 +9,7 @@ from pathlib import Path
 from shardrec.errors import CheckpointError
 from shardrec.job import JobConfig, dump_job
 from shardrec.output import write_atomic
-from shardrec.platform import checkpoint
+from shardrec.checkpoint import store as checkpoint
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The per-rank entry point: ``python -m shardrec.platform.worker --config JOB.yaml --run-dir DIR``.
+"""The per-rank entry point: ``python -m shardrec.train.worker --config JOB.yaml --run-dir DIR``.
 
 ``shardrec train`` resolves and checks the job, writes it into the run folder, and starts one of
 these per rank (through torchrun, or in-process for a single rank). A torchx job
@@ -10,6 +10,7 @@ from its latest checkpoint) and ``--section.key=value`` overrides.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,10 +22,11 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler, 
 from shardrec.data.prepare import resolve_data
 from shardrec.errors import RankLostError, ShardrecError
 from shardrec.job import JobConfig, load_job
-from shardrec.platform import checkpoint, run_dir as run_dirs
-from shardrec.platform.dist import DistContext, init_distributed, lost_ranks_as_errors, shutdown
-from shardrec.platform.quiet import quiet_libraries
-from shardrec.platform.trainer import DataPaths, Trainer, TrainResult, summary
+from shardrec.checkpoint import store as checkpoint
+from shardrec.train import run_dir as run_dirs
+from shardrec.train.dist import DistContext, init_distributed, lost_ranks_as_errors, shutdown
+from shardrec.train.quiet import quiet_libraries
+from shardrec.train.trainer import DataPaths, Trainer, TrainResult, summary
 from shardrec.sharding.planner import resolve_compute_device
 
 Resume = Path | Literal["auto"] | None
@@ -37,7 +39,7 @@ def run(job: JobConfig, *, run_dir: Path, resume: Resume) -> TrainResult:
     starts afresh otherwise, which is what a job that torchrun or its scheduler restarts needs.
     """
     if job.data.train_path is None:  # a job torchx launched directly: make or find its synthetic data
-        job = resolve_data(job)
+        job = dataclasses.replace(job, data=resolve_data(job.data, job.features))
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = init_distributed(compute_device=resolve_compute_device(job.sharding), timeout_s=job.train.timeout_s)
     try:

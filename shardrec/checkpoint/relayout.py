@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from shardrec.platform.saved import Box, SavedCheckpoint
+from shardrec.checkpoint.dcp_reader import Box, SavedCheckpoint
 
 OPTIM_PREFIX = "optim.state."
 Blocks = list[tuple[int, int]]

@@ -29,31 +29,8 @@ from shardrec.data.reader import ParquetReader
 from shardrec.data.schema import FeatureSchema
 from shardrec.data.sources import DataFile, resolve
 from shardrec.errors import ConfigError, DataError
-from shardrec.platform.serving import FORMAT, MANIFEST, tower_schema
-
-
-@dataclass(kw_only=True)
-class PredictConfig:
-    """What ``shardrec predict`` reads and writes."""
-
-    model: Path
-    """Folder written by ``shardrec export``."""
-    data: str
-    """Parquet file, folder, glob or fsspec URL of the rows to score."""
-    out: Path
-    """Parquet file to write: the id column, then the score columns."""
-    id_column: str
-    """Column of the data copied next to the scores, to join them back."""
-    batch_size: int = 4096
-    """Rows per forward."""
-    progress_bar: bool = True
-    """Show a progress bar with rows/s."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise ConfigError(f"--batch-size must be > 0, got {self.batch_size}")
-        if self.out.suffix != ".parquet":
-            raise ConfigError(f"--out '{self.out}' must name a .parquet file")
+from shardrec.serving.config import PredictConfig
+from shardrec.serving.export_model import FORMAT, MANIFEST, tower_schema
 
 
 @dataclass(frozen=True)

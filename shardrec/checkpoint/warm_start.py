@@ -19,7 +19,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
 from shardrec.errors import ConfigError
-from shardrec.platform.checkpoint import TABLE_MARKERS, WarmStartConfig, read_meta, resolve_resume, table_of_key
+from shardrec.checkpoint.store import TABLE_MARKERS, read_meta, resolve_resume, table_of_key
+from shardrec.checkpoint.config import WarmStartConfig
 
 def _rename(key: str, tables: dict[str, str]) -> str:
     """``key`` with its table name (after an embedding marker, and in fused state names) mapped."""

@@ -19,8 +19,8 @@ import torch
 
 from shardrec.errors import CheckpointError
 from shardrec.output import atomic_folder
-from shardrec.platform.checkpoint import read_meta, resolve_resume, table_of_key
-from shardrec.platform.saved import SavedCheckpoint, find_data
+from shardrec.checkpoint.store import read_meta, resolve_resume, table_of_key
+from shardrec.checkpoint.dcp_reader import SavedCheckpoint, find_data
 
 BLOCK_BYTES = 64 << 20
 """Rows are copied in blocks of about this many bytes: the exporter's working memory."""

@@ -3,7 +3,7 @@
 No process group and no model: the new plan file (``shardrec plan --out``) says how each table is
 split, and the checkpoint is rewritten in DCP's own format with one chunk per new shard, stored in
 the file of the rank that will own it, so a job started with that plan reads only its own rows.
-Each table's optimizer state is converted to its new layout (shardrec/platform/relayout.py);
+Each table's optimizer state is converted to its new layout (shardrec/checkpoint/relayout.py);
 every other tensor is copied. Shards are streamed a block of rows at a time, and the new
 checkpoint appears under its final name only once complete.
 """
@@ -29,9 +29,9 @@ from torch.distributed.checkpoint.metadata import (
 
 from shardrec.errors import CheckpointError
 from shardrec.output import atomic_folder
-from shardrec.platform import relayout
-from shardrec.platform.checkpoint import META_FILE, read_meta, resolve_resume, table_of_key
-from shardrec.platform.saved import Box, SavedCheckpoint, find_data
+from shardrec.checkpoint import relayout
+from shardrec.checkpoint.store import META_FILE, read_meta, resolve_resume, table_of_key
+from shardrec.checkpoint.dcp_reader import Box, SavedCheckpoint, find_data
 from shardrec.sharding.plan_file import read_plan_file
 
 BLOCK_BYTES = 64 << 20

@@ -1,0 +1,110 @@
+"""The module every job shards: a zoo model built on the meta device, wrapped for the training
+pipelines, with the sparse optimizer fused into its embedding tables.
+
+The trainer shards it and the planner (``shardrec plan``) plans it, so both go through
+:func:`meta_model`: the planner's memory estimate includes the fused optimizer's state only when
+the optimizer is fused before planning, exactly as the trainer does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from shardrec.data.batch import Batch
+from shardrec.errors import ConfigError
+from shardrec.job import JobConfig
+from shardrec.models import registry
+from shardrec.train.config import SparseOptimizerConfig
+
+
+class TrainModule(nn.Module):
+    """Wraps a zoo model: ``forward(batch) -> (loss, (loss, logits, labels))`` as torchrec pipelines expect."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        outputs = self.model(batch.dense_features, batch.sparse_features)
+        loss, logits = registry.training_loss(self.model, outputs, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+@dataclass(frozen=True)
+class MetaModel:
+    """A job's model on the meta device, ready to plan and shard."""
+
+    module: TrainModule
+    """The wrapped zoo model, its sparse optimizer fused."""
+    tables: dict[str, tuple[int, int]]
+    """Every embedding table: name -> (rows, dim)."""
+
+
+def meta_model(job: JobConfig, *, device_type: str | None = None) -> MetaModel:
+    """Builds ``job``'s model on meta, wraps it in a TrainModule and fuses the sparse optimizer.
+
+    ``device_type`` (the device the tables will compute on) also checks that its fused kernels
+    implement the job's sparse optimizer; None skips the check (planning for another machine).
+    """
+    if device_type is not None:
+        check_sparse_optimizer(job.train.sparse_optimizer, device_type=device_type)
+    model = registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta"))
+    module = TrainModule(model)
+    fuse_sparse_optimizer(module, job.train.sparse_optimizer)
+    return MetaModel(module=module, tables=model_tables(module))
+
+
+def model_tables(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every embedding table of ``module``: name -> (rows, dim)."""
+    out: dict[str, tuple[int, int]] = {}
+    for m in module.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            for cfg in m.embedding_bag_configs():
+                out[cfg.name] = (cfg.num_embeddings, cfg.embedding_dim)
+        elif isinstance(m, EmbeddingCollection):
+            for cfg in m.embedding_configs():
+                out[cfg.name] = (cfg.num_embeddings, cfg.embedding_dim)
+    return out
+
+
+def fused_optimizer_class(cfg: SparseOptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The torch optimizer class and keyword arguments that stand for ``cfg`` in the fused kernels."""
+    if cfg.name == "rowwise_adagrad":
+        return RowWiseAdagrad, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if cfg.name == "adagrad":
+        return torch.optim.Adagrad, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if cfg.name == "adam":
+        return torch.optim.Adam, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    return torch.optim.SGD, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+
+
+CPU_FUSED = ("rowwise_adagrad", "adagrad", "sgd")
+"""Sparse optimizers FBGEMM's CPU embedding kernels implement (adam is fused on CUDA only)."""
+
+
+def check_sparse_optimizer(cfg: SparseOptimizerConfig, *, device_type: str) -> None:
+    """Raises a ConfigError when the fused kernels of ``device_type`` lack ``cfg.name``."""
+    if device_type == "cpu" and cfg.name not in CPU_FUSED:
+        raise ConfigError(
+            f"train.sparse_optimizer.name '{cfg.name}' has no fused CPU kernel in FBGEMM; on cpu choose one of "
+            f"{', '.join(CPU_FUSED)}, or compute on cuda (sharding.compute_device)"
+        )
+
+
+def fuse_sparse_optimizer(model: nn.Module, cfg: SparseOptimizerConfig) -> None:
+    """Marks every embedding table's weight so sharding fuses ``cfg``'s optimizer into its kernel.
+
+    Must run on the unsharded model, before DistributedModelParallel.
+    """
+    cls, kwargs = fused_optimizer_class(cfg)
+    params = [
+        p for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for p in m.parameters()
+    ]
+    apply_optimizer_in_backward(cls, params, kwargs)
