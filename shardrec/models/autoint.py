@@ -13,6 +13,7 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
+    DenseFieldEmbedding,
     build_ebc,
     check_features,
     check_layer_sizes,
@@ -43,29 +44,6 @@ class AutoIntConfig:
                 raise ConfigError(f"'model.{key}' must be >= 1, got {getattr(self, key)}")
         if self.deep_layer_sizes is not None:
             check_layer_sizes(self.deep_layer_sizes, key="model.deep_layer_sizes")
-
-
-class DenseFieldEmbedding(nn.Module):
-    """Dense features as fields (AutoInt Eq. 4): ``e_m = v_m x_m``, one learned vector per feature.
-
-    Args:
-        num_dense: number of dense features.
-        dim: the embedding width D shared with the sparse fields.
-        device: where the weights are created.
-    """
-
-    def __init__(self, num_dense: int, dim: int, *, device: torch.device) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_dense, dim, device=device))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """N(0, 0.01^2), the authors' initialization of every field embedding."""
-        nn.init.normal_(self.weight, std=0.01)
-
-    def forward(self, dense_features: torch.Tensor) -> torch.Tensor:
-        """Returns ``[B, num_dense, D]`` for ``dense_features`` ``[B, num_dense]``."""
-        return dense_features.unsqueeze(2) * self.weight
 
 
 class InteractingLayer(nn.Module):
@@ -133,7 +111,7 @@ class AutoInt(nn.Module):
         self.feature_names = schema.sparse_names
         num_fields = len(self.feature_names) + len(schema.dense)
         self.ebc = build_ebc(schema, device=device)
-        self.dense_embedding = DenseFieldEmbedding(len(schema.dense), dim, device=device)
+        self.dense_embedding = DenseFieldEmbedding(len(schema.dense), dim, init="normal", device=device)
         out = config.num_heads * config.attention_dim
         widths = [dim] + [out] * (config.num_attention_layers - 1)
         self.interacting = nn.ModuleList(
@@ -144,7 +122,7 @@ class AutoInt(nn.Module):
         )
         self.logit = nn.Linear(num_fields * out, 1, device=device)
         deep = config.deep_layer_sizes
-        self.deep = MLP(num_fields * dim, [*deep, 1], final_activation="none", device=device) if deep else None
+        self.deep = MLP(num_fields * dim, [*deep, 1], final_activation=False, device=device) if deep else None
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

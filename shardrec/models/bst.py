@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.layers import check_layer_sizes
+from shardrec.models.layers import MLP, PositionEmbedding, TransformerBlock, check_layer_sizes
 from shardrec.models.registry import register
 from shardrec.models.sequence import SequenceInputs, sequence_layout
 
@@ -40,66 +39,6 @@ class BSTConfig:
             raise ConfigError(f"'model.num_layers' and 'model.num_heads' must be > 0, got {self.num_layers}, {self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"'model.dropout' must be in [0, 1), got {self.dropout}")
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention whose keys skip padded positions.
-
-    Own Linear projections rather than nn.MultiheadAttention, whose packed in-projection has no
-    ``reset_parameters`` to re-initialize it after a meta-device build.
-    """
-
-    def __init__(self, dim: int, num_heads: int, *, device: torch.device) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, device=device)
-        self.out = nn.Linear(dim, dim, device=device)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x [B, S, D]``, ``mask [B, S]`` (True: a real position) -> ``[B, S, D]``."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
-        # Every row keeps its target unmasked, so no softmax row is all -inf.
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ v
-        return self.out(out.transpose(1, 2).flatten(2))
-
-
-class TransformerLayer(nn.Module):
-    """BST's layer: ``S' = LayerNorm(S + Dropout(MH(S)))``,
-    ``F = LayerNorm(S' + Dropout(LeakyReLU(S' W1 + b1) W2 + b2))``."""
-
-    def __init__(self, dim: int, num_heads: int, *, dropout: float, device: torch.device) -> None:
-        super().__init__()
-        self.attention = SelfAttention(dim, num_heads, device=device)
-        self.norm1 = nn.LayerNorm(dim, device=device)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, 4 * dim, device=device), nn.LeakyReLU(), nn.Linear(4 * dim, dim, device=device)
-        )
-        self.norm2 = nn.LayerNorm(dim, device=device)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x [B, S, D]``, ``mask [B, S]`` -> ``[B, S, D]``."""
-        x = self.norm1(x + self.dropout(self.attention(x, mask)))
-        return self.norm2(x + self.dropout(self.ffn(x)))
-
-
-class PositionEmbedding(nn.Module):
-    """One learned vector per sequence position, added to the item embeddings."""
-
-    def __init__(self, positions: int, dim: int, *, device: torch.device) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(positions, dim, device=device))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, S, D]`` -> ``x`` plus the embedding of each position."""
-        return x + self.weight.unsqueeze(0)
 
 
 @torch.fx.wrap
@@ -155,16 +94,16 @@ class BST(nn.Module):
                               f"({layout.dim}); pick a divisor of {layout.dim}")
         self.inputs = SequenceInputs(schema=schema, layout=layout, device=device)
         self.positions = PositionEmbedding(layout.max_len + 1, layout.dim, device=device)
+        # BST's layer: S' = LayerNorm(S + Dropout(MH(S))), F = LayerNorm(S' + Dropout(FFN(S'))), with a
+        # LeakyReLU FFN 4x wide; attention skips padded keys (every row keeps its target).
         self.layers = nn.ModuleList(
-            TransformerLayer(layout.dim, config.num_heads, dropout=config.dropout, device=device)
+            TransformerBlock(layout.dim, config.num_heads, ffn_dim=4 * layout.dim, activation="leaky_relu",
+                             dropout=config.dropout, norm_first=False, device=device)
             for _ in range(config.num_layers)
         )
         mlp_in = (layout.max_len + 1) * layout.dim + layout.context_dim + layout.num_dense
-        widths = [mlp_in, *config.mlp_layer_sizes]
-        blocks: list[nn.Module] = []
-        for n_in, n_out in zip(widths[:-1], widths[1:]):
-            blocks += [nn.Linear(n_in, n_out, device=device), nn.LeakyReLU()]
-        self.mlp = nn.Sequential(*blocks, nn.Linear(widths[-1], 1, device=device))
+        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, 1], activation="leaky_relu", final_activation=False,
+                       device=device)
 
     def encode(self, history: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The transformer outputs flattened, ``[B, (1 + L) * D]``, zero at padded positions."""

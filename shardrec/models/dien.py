@@ -14,13 +14,7 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import MLP, check_layer_sizes
 from shardrec.models.registry import register
-from shardrec.models.sequence import (
-    Activation,
-    ActivatedMLP,
-    SequenceInputs,
-    check_activation,
-    sequence_layout,
-)
+from shardrec.models.sequence import SequenceActivation, SequenceInputs, check_activation, sequence_layout
 
 
 @dataclass(kw_only=True)
@@ -37,7 +31,7 @@ class DIENConfig:
     """Hidden widths of the auxiliary net scoring (interest state, next item); a logit layer follows."""
     mlp_layer_sizes: list[int] = field(default_factory=lambda: [200, 80])
     """Hidden widths of the final MLP; a width-1 layer (the logit) follows."""
-    activation: Activation = "dice"
+    activation: SequenceActivation = "dice"
     """Activation of the final MLP: "dice" or "prelu"."""
 
     def __post_init__(self) -> None:
@@ -135,11 +129,12 @@ class DIEN(nn.Module):
         self.steps = layout.max_len
         self.inputs = SequenceInputs(schema=schema, layout=layout, device=device)
         self.extractor = AUGRUCell(dim, dim, device=device)
-        self.aux_net = MLP(2 * dim, [*config.aux_layer_sizes, 1], final_activation="none", device=device)
+        self.aux_net = MLP(2 * dim, [*config.aux_layer_sizes, 1], final_activation=False, device=device)
         self.attention = nn.Linear(dim, dim, bias=False, device=device)
         self.evolution = AUGRUCell(dim, dim, device=device)
         mlp_in = layout.context_dim + 2 * dim + layout.num_dense
-        self.mlp = ActivatedMLP(mlp_in, [*config.mlp_layer_sizes, 1], activation=config.activation, device=device)
+        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, 1], activation=config.activation, final_activation=False,
+                       device=device)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor

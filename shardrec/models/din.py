@@ -9,15 +9,9 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
-from shardrec.models.layers import check_layer_sizes
+from shardrec.models.layers import MLP, check_layer_sizes
 from shardrec.models.registry import register
-from shardrec.models.sequence import (
-    Activation,
-    ActivatedMLP,
-    SequenceInputs,
-    check_activation,
-    sequence_layout,
-)
+from shardrec.models.sequence import SequenceActivation, SequenceInputs, check_activation, sequence_layout
 
 
 @dataclass(kw_only=True)
@@ -32,7 +26,7 @@ class DINConfig:
     """Hidden widths of the local activation unit; a width-1 layer (the weight) follows."""
     mlp_layer_sizes: list[int] = field(default_factory=lambda: [200, 80])
     """Hidden widths of the final MLP; a width-1 layer (the logit) follows."""
-    activation: Activation = "dice"
+    activation: SequenceActivation = "dice"
     """Activation of both MLPs: "dice" (the paper's) or "prelu"."""
 
     def __post_init__(self) -> None:
@@ -53,9 +47,9 @@ class LocalActivationUnit(nn.Module):
         device: where the weights are created.
     """
 
-    def __init__(self, dim: int, layer_sizes: list[int], *, activation: Activation, device: torch.device) -> None:
+    def __init__(self, dim: int, layer_sizes: list[int], *, activation: SequenceActivation, device: torch.device) -> None:
         super().__init__()
-        self.mlp = ActivatedMLP(4 * dim, [*layer_sizes, 1], activation=activation, device=device)
+        self.mlp = MLP(4 * dim, [*layer_sizes, 1], activation=activation, final_activation=False, device=device)
 
     def forward(self, history: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``history [B, L, D]``, ``target [B, D]``, ``mask [B, L]`` -> weights ``[B, L]``."""
@@ -96,7 +90,8 @@ class DIN(nn.Module):
             layout.dim, config.attention_layer_sizes, activation=config.activation, device=device
         )
         mlp_in = layout.context_dim + 2 * layout.dim + layout.num_dense
-        self.mlp = ActivatedMLP(mlp_in, [*config.mlp_layer_sizes, 1], activation=config.activation, device=device)
+        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, 1], activation=config.activation, final_activation=False,
+                       device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

@@ -94,7 +94,7 @@ class DLRM(nn.Module):
         self.ebc = build_ebc(schema, device=device)
         self.dense_arch = MLP(len(schema.dense), config.dense_arch_layer_sizes, device=device)
         over_in = dim + (num_f + 1) * num_f // 2
-        self.over_arch = MLP(over_in, config.over_arch_layer_sizes, final_activation="none", device=device)
+        self.over_arch = MLP(over_in, config.over_arch_layer_sizes, final_activation=False, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

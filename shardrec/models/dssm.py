@@ -90,8 +90,8 @@ class DSSM(RetrievalModel):
         self.user_names = [f.name for f in schema.sparse if f.name not in skip and not f.raw and not f.weights]
         dim = {f.name: schema.table(f.table).embedding_dim for f in schema.sparse if f.table is not None}
         self.user_mlp = MLP(sum(dim[n] for n in self.user_names) + len(schema.dense), config.user_layer_sizes,
-                            final_activation="none", device=device)
-        self.item_mlp = MLP(sum(dim[n] for n in self.item_names), config.item_layer_sizes, final_activation="none", device=device)
+                            final_activation=False, device=device)
+        self.item_mlp = MLP(sum(dim[n] for n in self.item_names), config.item_layer_sizes, final_activation=False, device=device)
         self.normalize = config.normalize
         table = next(f.table for f in schema.sparse if f.name == self.item_feature)
         self.retrieval_loss = RetrievalLoss(config.loss, item_rows=schema.table(table).num_embeddings, negatives=neg)

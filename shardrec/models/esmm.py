@@ -56,8 +56,8 @@ class ESMM(MultiTaskModel):
     def __init__(self, *, schema: FeatureSchema, config: ESMMConfig, device: torch.device) -> None:
         require_labels(schema, model="esmm", exactly=2)
         super().__init__(schema=schema, weights=config.task_weights, model="esmm", device=device)
-        self.ctr = MLP(self.input_dim, [*config.tower_layer_sizes, 1], final_activation="none", device=device)
-        self.cvr = MLP(self.input_dim, [*config.tower_layer_sizes, 1], final_activation="none", device=device)
+        self.ctr = MLP(self.input_dim, [*config.tower_layer_sizes, 1], final_activation=False, device=device)
+        self.cvr = MLP(self.input_dim, [*config.tower_layer_sizes, 1], final_activation=False, device=device)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor

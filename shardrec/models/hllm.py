@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema, SparseFeature
 from shardrec.errors import ConfigError
-from shardrec.models.bst import PositionEmbedding
+from shardrec.models.layers import PositionEmbedding, TransformerBlock
 from shardrec.models.registry import register
 from shardrec.models.retrieval import (
     RetrievalLoss,
@@ -141,50 +141,13 @@ def _text_feature(schema: FeatureSchema, name: str, *, key: str) -> SparseFeatur
     return found[0]
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention under a boolean ``[N, S, S]`` (or broadcastable) mask.
-
-    Own Linear projections rather than nn.MultiheadAttention, whose packed in-projection has no
-    ``reset_parameters`` to re-initialize it after a meta-device build.
-    """
-
-    def __init__(self, dim: int, num_heads: int, *, dropout: float, device: torch.device) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim, device=device)
-        self.out = nn.Linear(dim, dim, device=device)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x [N, S, D]``, ``mask`` True where a query may attend a key -> ``[N, S, D]``."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        out = nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out(out.transpose(1, 2).flatten(2))
-
-
-class Block(nn.Module):
-    """A pre-norm transformer layer: ``x + Attn(LN(x))``, then ``x + FFN(LN(x))`` (GELU, 4x wide)."""
-
-    def __init__(self, dim: int, num_heads: int, *, dropout: float, device: torch.device) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, device=device)
-        self.attention = Attention(dim, num_heads, dropout=dropout, device=device)
-        self.norm2 = nn.LayerNorm(dim, device=device)
-        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim, device=device), nn.GELU(), nn.Linear(4 * dim, dim, device=device))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.norm1(x), mask))
-        return x + self.dropout(self.ffn(self.norm2(x)))
-
-
 class Transformer(nn.Module):
-    """Input projection plus learned positions, LayerNorm'd (BERT's embedding norm), pre-norm layers,
-    a final LayerNorm and an output projection."""
+    """Input projection plus learned positions, LayerNorm'd (BERT's embedding norm), pre-norm layers
+    (``x + Attn(LN(x))``, then ``x + FFN(LN(x))`` with a GELU FFN 4x wide), a final LayerNorm and an
+    output projection."""
 
-    def __init__(self, in_dim: int, out_dim: int, positions: int, config: HLLMConfig, *, layers: int, device: torch.device) -> None:
+    def __init__(self, in_dim: int, out_dim: int, positions: int, config: HLLMConfig, *, layers: int, causal: bool,
+                 device: torch.device) -> None:
         super().__init__()
         width = config.hidden_dim
         # No bias and a norm: an input part shared by every item (a bias) would swamp the small
@@ -192,15 +155,19 @@ class Transformer(nn.Module):
         self.project_in = nn.Linear(in_dim, width, bias=False, device=device)
         self.positions = PositionEmbedding(positions, width, device=device)
         self.input_norm = nn.LayerNorm(width, device=device)
-        self.blocks = nn.ModuleList(Block(width, config.num_heads, dropout=config.dropout, device=device) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, config.num_heads, ffn_dim=4 * width, activation="gelu", dropout=config.dropout,
+                             attention_dropout=config.dropout, causal=causal, device=device)
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(width, bias=False, device=device)
         self.project_out = nn.Linear(width, out_dim, bias=False, device=device)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x [N, S, in_dim]``, attention ``mask`` -> ``[N, S, out_dim]``."""
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [N, S, in_dim]``, ``valid [N, S]`` (the keys attention may see; None: all) -> ``[N, S, out_dim]``."""
         x = self.input_norm(self.positions(self.project_in(x)))
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, valid)
         return self.project_out(self.norm(x))
 
 
@@ -227,13 +194,14 @@ class ItemModel(nn.Module):
     def __init__(self, token_dim: int, tokens: int, config: HLLMConfig, *, device: torch.device) -> None:
         super().__init__()
         self.item_token = ItemToken(token_dim, device=device)
-        self.encoder = Transformer(token_dim, config.vector_dim, tokens + 1, config, layers=config.item_layers, device=device)
+        self.encoder = Transformer(token_dim, config.vector_dim, tokens + 1, config, layers=config.item_layers, causal=False,
+                                   device=device)
         self.normalize = config.normalize
 
     def forward(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``tokens [N, T, D]`` (embeddings), ``ids [N, T]`` -> ``[N, vector_dim]``."""
         keys = torch.cat([ids != 0, torch.ones_like(ids[:, :1], dtype=torch.bool)], dim=1)
-        out = self.encoder(self.item_token(tokens), keys.unsqueeze(1))[:, -1]
+        out = self.encoder(self.item_token(tokens), keys)[:, -1]
         return nn.functional.normalize(out, dim=-1) if self.normalize else out
 
 
@@ -242,16 +210,15 @@ class UserModel(nn.Module):
 
     def __init__(self, length: int, config: HLLMConfig, *, device: torch.device) -> None:
         super().__init__()
-        self.length = length
-        self.decoder = Transformer(config.vector_dim, config.vector_dim, length, config, layers=config.user_layers, device=device)
+        self.decoder = Transformer(config.vector_dim, config.vector_dim, length, config, layers=config.user_layers, causal=True,
+                                   device=device)
         self.normalize = config.normalize
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """``items [B, L, D]`` (right-padded) -> ``[B, L, D]``; a real position sees only itself and earlier ones."""
-        causal = torch.ones(self.length, self.length, dtype=torch.bool, device=items.device).tril()
         # The skip keeps what a decoder's residual stream keeps (its input) across the width change:
         # at the start each position already predicts an item like its own, which trains much sooner.
-        out = items + self.decoder(items, causal.unsqueeze(0))
+        out = items + self.decoder(items)
         return nn.functional.normalize(out, dim=-1) if self.normalize else out
 
 

@@ -13,7 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.bst import PositionEmbedding
+from shardrec.models.layers import PositionEmbedding
 from shardrec.models.registry import register
 from shardrec.models.retrieval import RetrievalLossConfig
 from shardrec.models.seqrec import (

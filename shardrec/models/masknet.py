@@ -3,7 +3,6 @@ element-wise; MaskBlocks chained (SerMaskNet) or side by side (ParaMaskNet)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,6 +14,7 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
+    DenseFieldEmbedding,
     build_ebc,
     check_features,
     check_layer_sizes,
@@ -49,30 +49,6 @@ class MaskNetConfig:
         if self.reduction_ratio <= 0:
             raise ConfigError(f"'model.reduction_ratio' must be > 0, got {self.reduction_ratio}")
         check_layer_sizes(self.mlp_layer_sizes, key="model.mlp_layer_sizes")
-
-
-class DenseFieldEmbedding(nn.Module):
-    """One learned vector per dense feature, scaled by the feature's value: e_j = v_j * x_j.
-
-    Args:
-        num_dense: number of dense features.
-        dim: embedding width.
-        device: where the weights are created.
-    """
-
-    def __init__(self, num_dense: int, dim: int, *, device: torch.device) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_dense, dim, device=device))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Uniform in +-1/sqrt(dim)."""
-        bound = 1.0 / math.sqrt(self.weight.size(1))
-        nn.init.uniform_(self.weight, -bound, bound)
-
-    def forward(self, dense_features: torch.Tensor) -> torch.Tensor:
-        """Returns ``[B, num_dense, dim]`` for dense ``[B, num_dense]``."""
-        return dense_features.unsqueeze(-1) * self.weight
 
 
 class InstanceGuidedMask(nn.Module):
@@ -155,7 +131,7 @@ class MaskNet(nn.Module):
         self.feature_names = schema.sparse_names
         self.parallel = config.structure == "parallel"
         self.ebc = build_ebc(schema, device=device)
-        self.dense_embedding = DenseFieldEmbedding(len(schema.dense), dim, device=device)
+        self.dense_embedding = DenseFieldEmbedding(len(schema.dense), dim, init="uniform", device=device)
         self.emb_norm = nn.LayerNorm(dim, device=device)
         emb_width = (len(self.feature_names) + len(schema.dense)) * dim
         self.blocks = build_blocks(config, emb_width=emb_width, device=device)
@@ -197,7 +173,7 @@ def build_head(config: MaskNetConfig, *, device: torch.device) -> nn.Module:
     if config.structure == "serial":
         return nn.Linear(config.block_dim, 1, device=device)
     width = config.num_blocks * config.block_dim
-    return MLP(width, [*config.mlp_layer_sizes, 1], final_activation="none", device=device)
+    return MLP(width, [*config.mlp_layer_sizes, 1], final_activation=False, device=device)
 
 
 @register("masknet", MaskNetConfig)

@@ -93,7 +93,7 @@ class MIND(RetrievalModel):
         dim = self.inputs.dim
         self.bilinear = BilinearMaps(dim, num_interests=config.num_interests, length=None, device=device)
         self.interest_mlp = MLP(dim + self.inputs.profile_dim + len(schema.dense), [*config.hidden_layer_sizes, dim],
-                                final_activation="relu", device=device)
+                                final_activation=True, device=device)
         self.num_interests = config.num_interests
         self.dynamic = config.dynamic_interests
         self.iterations = config.routing_iterations

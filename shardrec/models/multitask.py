@@ -170,7 +170,7 @@ class Towers(nn.Module):
     def __init__(self, in_features: int, *, num_tasks: int, layer_sizes: list[int], device: torch.device) -> None:
         super().__init__()
         self.towers = nn.ModuleList(
-            MLP(in_features, [*layer_sizes, 1], final_activation="none", device=device) for _ in range(num_tasks)
+            MLP(in_features, [*layer_sizes, 1], final_activation=False, device=device) for _ in range(num_tasks)
         )
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:

@@ -80,8 +80,8 @@ class RocketLaunching(nn.Module):
         if config.shared_layer_sizes:
             self.shared = MLP(width, config.shared_layer_sizes, device=device)
             width = config.shared_layer_sizes[-1]
-        self.light = MLP(width, [*config.light_layer_sizes, 1], final_activation="none", device=device)
-        self.booster = MLP(width, [*config.booster_layer_sizes, 1], final_activation="none", device=device)
+        self.light = MLP(width, [*config.light_layer_sizes, 1], final_activation=False, device=device)
+        self.booster = MLP(width, [*config.booster_layer_sizes, 1], final_activation=False, device=device)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor

@@ -11,9 +11,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.bst import PositionEmbedding
+from shardrec.models.layers import PositionEmbedding, TransformerBlock
 from shardrec.models.registry import register
-from shardrec.models.seqrec import CausalTransformerBlock, SeqRecConfig, SequentialRetrievalModel, causal_mask, seqrec_layout
+from shardrec.models.seqrec import SeqRecConfig, SequentialRetrievalModel, seqrec_layout
 
 
 @dataclass(kw_only=True)
@@ -65,8 +65,10 @@ class SASRec(SequentialRetrievalModel):
         super().__init__(schema=schema, layout=layout, loss=config.loss, normalize=config.normalize, device=device)
         self.positions = PositionEmbedding(layout.max_len, layout.dim, device=device)
         self.dropout = nn.Dropout(config.dropout)
+        # The paper's block with pre-norm residuals and a point-wise Linear-ReLU-Dropout-Linear FFN.
         self.blocks = nn.ModuleList(
-            CausalTransformerBlock(layout.dim, config.num_heads, dropout=config.dropout, device=device)
+            TransformerBlock(layout.dim, config.num_heads, ffn_dim=layout.dim, activation="relu", dropout=config.dropout,
+                             attention_dropout=config.dropout, ffn_dropout=config.dropout, causal=True, device=device)
             for _ in range(config.num_blocks)
         )
         self.final_norm = nn.LayerNorm(layout.dim, device=device)
@@ -75,9 +77,8 @@ class SASRec(SequentialRetrievalModel):
         """``[B, L, D]`` causal outputs of ``history [B, L, D]`` under ``mask [B, L]``."""
         keep = mask.unsqueeze(-1).to(history.dtype)
         x = self.dropout(self.positions(history * math.sqrt(history.size(-1)))) * keep
-        attn_mask = causal_mask(mask)
         for block in self.blocks:
-            x = block(x, attn_mask) * keep
+            x = block(x, mask) * keep
         return self.final_norm(x)
 
 

@@ -9,11 +9,12 @@ position (:func:`last_position`). Item vectors are the rows of the item table it
 
 Histories arrive right-padded to the feature's ``max_len`` (:func:`padded_sequence`) with a validity
 mask; since padding follows every valid position, a causal encoder never lets it reach a valid one.
+
+This module registers no model, so each of those models may import it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -136,59 +137,6 @@ def last_position(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def valid_positions(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x [B, L, ...]`` at the valid positions of ``mask [B, L]``, flattened to ``[M, ...]``."""
     return x[mask]
-
-
-def causal_mask(mask: torch.Tensor) -> torch.Tensor:
-    """``[B, L, L]``: query ``i`` may attend key ``j`` when ``j <= i`` and ``j`` is valid.
-
-    A padded query also keeps its own position, so that no softmax row is empty; valid queries
-    never see padding either way, as it follows them.
-    """
-    pos = torch.arange(mask.size(1), device=mask.device)
-    tril = pos.unsqueeze(1) >= pos.unsqueeze(0)
-    return (tril.unsqueeze(0) & mask.unsqueeze(1)) | torch.eye(mask.size(1), dtype=torch.bool, device=mask.device)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head scaled dot-product self-attention under a ``[B, L, L]`` mask.
-
-    Own Linear projections rather than nn.MultiheadAttention, whose packed in-projection has no
-    ``reset_parameters`` to re-initialize it after a meta-device build.
-    """
-
-    def __init__(self, dim: int, num_heads: int, *, dropout: float, device: torch.device) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, device=device)
-        self.out = nn.Linear(dim, dim, device=device)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """``x [B, L, D]``, ``attn_mask [B, L, L]`` (True: may attend) -> ``[B, L, D]``."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)).masked_fill(~attn_mask.unsqueeze(1), float("-inf"))
-        out = self.dropout(torch.softmax(scores, dim=-1)) @ v
-        return self.out(out.transpose(1, 2).flatten(2))
-
-
-class CausalTransformerBlock(nn.Module):
-    """SASRec's block with the paper's pre-norm residuals: ``x + Dropout(Attn(LN(x)))``, then
-    ``x + Dropout(FFN(LN(x)))`` with a point-wise ``Linear-ReLU-Dropout-Linear`` FFN."""
-
-    def __init__(self, dim: int, num_heads: int, *, dropout: float, device: torch.device) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, device=device)
-        self.attention = CausalSelfAttention(dim, num_heads, dropout=dropout, device=device)
-        self.norm2 = nn.LayerNorm(dim, device=device)
-        self.ffn = nn.Sequential(nn.Linear(dim, dim, device=device), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(dim, dim, device=device))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """``x [B, L, D]``, ``attn_mask [B, L, L]`` -> ``[B, L, D]``."""
-        x = x + self.dropout(self.attention(self.norm1(x), attn_mask))
-        return x + self.dropout(self.ffn(self.norm2(x)))
 
 
 class SequentialRetrievalModel(RetrievalModel):

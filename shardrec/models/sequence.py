@@ -1,6 +1,6 @@
 """Shared parts of the sequence models (DIN, BST, DIEN): which features hold the history and the
 target, the EmbeddingCollection over the sequence tables, the pooled context features, padding,
-and the Dice activation.
+and the activations their MLPs may use.
 
 A sequence model reads one history feature (``sequence: true``) and one target feature over the
 same table. A table read by a sequence feature reaches the model unpooled, so the target is looked
@@ -26,7 +26,8 @@ from shardrec.data.schema import FeatureSchema, SparseFeature
 from shardrec.errors import ConfigError
 from shardrec.models.layers import build_ebc, pooled_by_feature
 
-Activation = Literal["dice", "prelu"]
+SequenceActivation = Literal["dice", "prelu"]
+"""The activations DIN and DIEN offer for their MLPs (:class:`shardrec.models.layers.MLP`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,69 +161,6 @@ def padded_sequence(jt: JaggedTensor, length: int) -> tuple[torch.Tensor, torch.
     emb = jt.to_padded_dense(desired_length=length, padding_value=0.0)
     mask = torch.arange(length, device=emb.device).unsqueeze(0) < jt.lengths().unsqueeze(1)
     return emb, mask
-
-
-class Dice(nn.Module):
-    """Dice activation (Zhou et al. 2018): ``p * x + (1 - p) * alpha * x`` with
-    ``p = sigmoid((x - E[x]) / sqrt(Var[x] + eps))`` per channel.
-
-    Unlike the paper, which switches to moving averages at inference, the mean and variance always
-    come from the batch at hand (over its valid positions): the model holds no buffers, since
-    DistributedModelParallel re-creates meta buffers as zeros.
-
-    Args:
-        num_features: channels (last dimension of the input).
-        eps: added to the variance, 1e-8 in the paper.
-        device: where ``alpha`` is created.
-    """
-
-    def __init__(self, num_features: int, *, eps: float = 1e-8, device: torch.device) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.alpha = nn.Parameter(torch.empty(num_features, device=device))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.alpha)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [..., C]``; ``mask [...]`` marks the positions the statistics are taken over."""
-        flat = x.reshape(-1, self.num_features)
-        w = torch.ones_like(flat[:, :1]) if mask is None else mask.reshape(-1, 1).to(x.dtype)
-        n = w.sum().clamp(min=1.0)
-        mean = (flat * w).sum(dim=0) / n
-        var = ((flat - mean).pow(2) * w).sum(dim=0) / n
-        p = torch.sigmoid((x - mean) / torch.sqrt(var + self.eps))
-        return p * x + (1 - p) * self.alpha * x
-
-
-class ActivatedMLP(nn.Module):
-    """Linear layers with Dice or PReLU between them and a linear last layer.
-
-    Args:
-        in_features: width of the input.
-        layer_sizes: output width of each Linear layer; the last one gets no activation.
-        activation: "dice" or "prelu" after every hidden layer.
-        device: where the weights are created.
-    """
-
-    def __init__(self, in_features: int, layer_sizes: list[int], *, activation: Activation, device: torch.device) -> None:
-        super().__init__()
-        widths = [in_features, *layer_sizes]
-        self.linears = nn.ModuleList(nn.Linear(a, b, device=device) for a, b in zip(widths[:-1], widths[1:]))
-        self.activations = nn.ModuleList(_activation(activation, w, device) for w in layer_sizes[:-1])
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask`` (positions of ``x`` that are real) restricts Dice's statistics."""
-        for linear, act in zip(self.linears, self.activations):
-            x = linear(x)
-            x = act(x, mask) if isinstance(act, Dice) else act(x)
-        return self.linears[-1](x)
-
-
-def _activation(name: Activation, width: int, device: torch.device) -> nn.Module:
-    return Dice(width, device=device) if name == "dice" else nn.PReLU(width, device=device)
 
 
 def check_activation(name: str, *, key: str) -> None:

@@ -92,7 +92,7 @@ class FactorizationMachineBlock(nn.Module):
         self.num_out, self.dim = num_out, dim
         self.projection = nn.Linear(num_in, rank, bias=False, device=device)
         self.norm = nn.LayerNorm(num_in * rank, device=device)
-        self.mlp = MLP(num_in * rank, [*layer_sizes, num_out * dim], final_activation="none", device=device)
+        self.mlp = MLP(num_in * rank, [*layer_sizes, num_out * dim], final_activation=False, device=device)
 
     def interactions(self, x: torch.Tensor) -> torch.Tensor:
         """The optimized FM X X^T Y ``[B, n, k]``, computed as X (X^T Y)."""
@@ -160,10 +160,10 @@ class WuKong(nn.Module):
         dim = shared_embedding_dim(schema, model="wukong")
         self.feature_names = schema.sparse_names
         self.ebc = build_ebc(schema, device=device)
-        self.dense_arch = MLP(len(schema.dense), [*config.dense_layer_sizes, dim], final_activation="none", device=device)
+        self.dense_arch = MLP(len(schema.dense), [*config.dense_layer_sizes, dim], final_activation=False, device=device)
         self.layers = build_layers(config, num_in=len(self.feature_names) + 1, dim=dim, device=device)
         final_in = self.layers[-1].num_out * dim
-        self.final = MLP(final_in, [*config.final_layer_sizes, 1], final_activation="none", device=device)
+        self.final = MLP(final_in, [*config.final_layer_sizes, 1], final_activation=False, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

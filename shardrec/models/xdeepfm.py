@@ -124,7 +124,7 @@ class XDeepFM(nn.Module):
         self.cin = CIN(num_fields, config.cin_layer_sizes, split_half=config.split_half, device=device)
         self.cin_logit = nn.Linear(self.cin.output_dim, 1, device=device)
         deep_in = num_fields * dim + len(schema.dense)
-        self.deep = MLP(deep_in, [*config.deep_layer_sizes, 1], final_activation="none", device=device)
+        self.deep = MLP(deep_in, [*config.deep_layer_sizes, 1], final_activation=False, device=device)
         self.linear = FirstOrder(schema=schema, device=device) if config.linear else None
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ class YouTubeDNN(RetrievalModel):
         self.item_feature = self.inputs.item_feature
         dim = self.inputs.dim
         self.user_mlp = MLP(dim + self.inputs.profile_dim + len(schema.dense), [*config.layer_sizes, dim],
-                            final_activation="none", device=device)
+                            final_activation=False, device=device)
         self.retrieval_loss = RetrievalLoss(config.loss, item_rows=self.inputs.item_rows, negatives=self.inputs.negative_feature)
 
     def _user(self, dense: torch.Tensor, history: torch.Tensor, mask: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:

@@ -253,20 +253,48 @@ def test_pooled_by_feature_restores_schema_order() -> None:
 
 def test_mlp_final_activation() -> None:
     relu_end = layers.MLP(3, [4, 2], device=CPU)
-    linear_end = layers.MLP(3, [4, 2], final_activation="none", device=CPU)
+    linear_end = layers.MLP(3, [4, 2], final_activation=False, device=CPU)
     assert [type(m).__name__ for m in relu_end] == ["Linear", "ReLU", "Linear", "ReLU"]
     assert [type(m).__name__ for m in linear_end] == ["Linear", "ReLU", "Linear"]
 
 
+MODELS_DIR = Path(registry.__file__).parent
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module ``path`` imports (``from a import b`` counts as ``a`` and ``a.b``)."""
+    mods = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            mods += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mods += [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+    return mods
+
+
+def _registers(path: Path) -> bool:
+    """Whether the module at ``path`` calls ``register(...)`` (as a decorator or otherwise)."""
+    calls = (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call))
+    return any(isinstance(c.func, ast.Name) and c.func.id == "register" for c in calls)
+
+
 def test_models_do_not_import_distribution() -> None:
     forbidden = ("torch.distributed", "shardrec.platform", "shardrec.sharding")
-    for path in Path(layers.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                mods = [node.module or ""]
-            else:
-                continue
-            bad = [m for m in mods if m.startswith(forbidden)]
-            assert not bad, f"{path.name} imports {bad}"
+    paths = sorted(MODELS_DIR.rglob("*.py"))
+    assert MODELS_DIR / "layers" / "mlp.py" in paths
+    for path in paths:
+        bad = [m for m in _imports(path) if m.startswith(forbidden)]
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_no_model_module_imports_another() -> None:
+    # Shared parts live in layers/ or in base modules that register nothing (sequence, seqrec, ...).
+    model_modules = {f"shardrec.models.{p.stem}" for p in MODELS_DIR.glob("*.py") if _registers(p)}
+    assert {"shardrec.models.bst", "shardrec.models.sasrec", "shardrec.models.dlrm"} <= model_modules
+    assert "shardrec.models.seqrec" not in model_modules
+    for path in MODELS_DIR.rglob("*.py"):
+        if path.name == "zoo.py":  # the zoo imports every model module so that each registers
+            continue
+        own = f"shardrec.models.{path.stem}"
+        bad = sorted({m for m in _imports(path) if m in model_modules and m != own})
+        assert not bad, f"{path.relative_to(MODELS_DIR)} imports model module(s) {bad}; move what it shares into layers/"

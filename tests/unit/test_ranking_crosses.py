@@ -12,9 +12,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema, criteo_schema
 from shardrec.errors import ConfigError
 from shardrec.models import registry
-from shardrec.models.autoint import DenseFieldEmbedding, InteractingLayer
+from shardrec.models.autoint import InteractingLayer
 from shardrec.models.dcn import CrossLayer
 from shardrec.models.dcnv2 import LowRankMixtureCrossLayer, MatrixCrossLayer
+from shardrec.models.layers import DenseFieldEmbedding
 from shardrec.models.xdeepfm import CIN, cin_layer
 from shardrec.train.weight_init import init_dense
 
@@ -175,7 +176,7 @@ def test_autoint_residual_path() -> None:
 
 
 def test_autoint_dense_fields_scale_their_own_vector() -> None:
-    emb = DenseFieldEmbedding(2, 4, device=CPU)
+    emb = DenseFieldEmbedding(2, 4, init="normal", device=CPU)
     dense = torch.tensor([[2.0, -1.0]])
     torch.testing.assert_close(emb(dense)[0], torch.stack([2.0 * emb.weight[0], -1.0 * emb.weight[1]]))
     model = registry.build_model("autoint", {}, schema=_schema(), device=torch.device("meta"))

@@ -12,7 +12,7 @@ from shardrec.data.schema import criteo_schema
 from shardrec.errors import ConfigError
 from shardrec.models import registry
 from shardrec.models.dien import AUGRUCell, run_cell
-from shardrec.models.sequence import Dice
+from shardrec.models.layers import Dice
 
 CPU = torch.device("cpu")
 DIM = 8

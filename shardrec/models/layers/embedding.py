@@ -1,0 +1,105 @@
+"""Embedding blocks: EmbeddingBagCollections built from a schema, the per-feature split of their
+output, learned position embeddings and dense features embedded as fields."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from shardrec.data.schema import FeatureSchema, TableConfig
+
+_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+def build_ebc(schema: FeatureSchema, *, device: torch.device) -> EmbeddingBagCollection:
+    """One EmbeddingBagConfig per schema table, named, sized and pooled as the table says."""
+    configs = [bag_config(t, schema, name=t.name, dim=t.embedding_dim) for t in schema.tables]
+    return EmbeddingBagCollection(tables=configs, device=device)
+
+
+def bag_config(table: TableConfig, schema: FeatureSchema, *, name: str, dim: int) -> EmbeddingBagConfig:
+    """The EmbeddingBagConfig of ``table`` under ``name`` and width ``dim``, over its schema features."""
+    return EmbeddingBagConfig(
+        name=name,
+        num_embeddings=table.num_embeddings,
+        embedding_dim=dim,
+        feature_names=schema.features_of(table.name),
+        pooling=_POOLING[table.pooling],
+    )
+
+
+def pooled_by_feature(pooled: KeyedTensor, names: list[str]) -> list[torch.Tensor]:
+    """Splits an EBC output into one ``[B, dim]`` tensor per feature, in the order of ``names``.
+
+    The EBC orders its keys by table, so features sharing a table are grouped; ``names`` puts
+    them back into schema order.
+    """
+    by_name = pooled.to_dict()
+    return [by_name[n] for n in names]
+
+
+def embedding_output_dim(schema: FeatureSchema) -> int:
+    """Width of all pooled embeddings concatenated: the sum of each sparse feature's table dim."""
+    return sum(schema.table(f.table).embedding_dim for f in schema.sparse)
+
+
+class PositionEmbedding(nn.Module):
+    """One learned vector per sequence position, added to the item embeddings.
+
+    Args:
+        positions: sequence length S the input always has.
+        dim: embedding width D.
+        device: where the weights are created.
+    """
+
+    def __init__(self, positions: int, dim: int, *, device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(positions, dim, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, S, D]`` -> ``x`` plus the embedding of each position."""
+        return x + self.weight.unsqueeze(0)
+
+
+DenseInit = Literal["normal", "uniform"]
+
+
+class DenseFieldEmbedding(nn.Module):
+    """Dense features as fields: ``e_j = v_j * x_j``, one learned vector per dense feature.
+
+    Args:
+        num_dense: number of dense features.
+        dim: the embedding width D shared with the sparse fields.
+        init: "normal": N(0, 0.01^2), the AutoInt authors' initialization of every field embedding;
+            "uniform": U(-1/sqrt(D), 1/sqrt(D)), MaskNet's.
+        device: where the weights are created.
+    """
+
+    def __init__(self, num_dense: int, dim: int, *, init: DenseInit, device: torch.device) -> None:
+        super().__init__()
+        if init not in ("normal", "uniform"):
+            raise ValueError(f"DenseFieldEmbedding init must be 'normal' or 'uniform', got '{init}'")
+        self.init = init
+        self.weight = nn.Parameter(torch.empty(num_dense, dim, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.init == "normal":
+            nn.init.normal_(self.weight, std=0.01)
+        else:
+            bound = 1.0 / math.sqrt(self.weight.size(1))
+            nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, dense_features: torch.Tensor) -> torch.Tensor:
+        """Returns ``[B, num_dense, D]`` for ``dense_features`` ``[B, num_dense]``."""
+        return dense_features.unsqueeze(-1) * self.weight
