@@ -95,9 +95,11 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
     out = Path(args.out) if args.out else None
     chart = Path(args.chart) if args.chart else (out.with_suffix(".png") if out else None)
     objective = args.objective or source.sharding.objective
+    if args.search_seconds is not None:
+        source = dataclasses.replace(source, sharding=dataclasses.replace(source.sharding, search_seconds=args.search_seconds))
     plan_job.plan_command(
         source=source, topology=plan_job.read_topology(args.topology), objective=objective, out=out, chart=chart,
-        with_default=args.with_default,
+        with_default=args.with_default, verbose=args.verbose,
     )
     return 0
 
@@ -275,6 +277,8 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--out", help="write the plan (JSON, usable as --sharding.plan) here")
     pl.add_argument("--chart", help="write a PNG of memory and time per device here (default: next to --out)")
     pl.add_argument("--with-default", action="store_true", help="also run torchrec's default planner on large inputs (slow)")
+    pl.add_argument("--search-seconds", type=float, help="time budget of the search (sharding.search_seconds; default 30)")
+    pl.add_argument("-v", "--verbose", action="store_true", help="also show torchrec's known repeated planner warnings")
     pl.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="show two plan files side by side")
     pl.set_defaults(func=plan)
 

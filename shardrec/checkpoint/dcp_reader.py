@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
+from shardrec.checkpoint.safe_read import read_metadata
 from shardrec.errors import CheckpointError
 
 Box = tuple[tuple[int, int], ...]
@@ -71,10 +71,7 @@ class SavedCheckpoint:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        try:
-            metadata = dcp.FileSystemReader(str(self.path)).read_metadata()
-        except FileNotFoundError as e:
-            raise CheckpointError(f"'{self.path}' has no DCP .metadata: not a complete checkpoint") from e
+        metadata = read_metadata(self.path)
         self.entries: dict[str, Any] = metadata.state_dict_metadata
         self.paths: dict[str, tuple[str, ...]] = metadata.planner_data or {}
         """Each flat key's path in the nested state dict, as DCP recorded it."""

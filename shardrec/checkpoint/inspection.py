@@ -12,11 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from shardrec.errors import CheckpointError
+from shardrec.checkpoint.safe_read import read_metadata
 from shardrec.output import text_table
 from shardrec.checkpoint.store import read_meta, table_of_key
 
@@ -59,10 +58,7 @@ def _bytes(md: TensorStorageMetadata) -> int:
 def inspect_checkpoint(path: Path) -> Inspection:
     """Reads what the checkpoint at ``path`` holds; raises CheckpointError naming a missing part."""
     meta = read_meta(path)
-    try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # a damaged .metadata surfaces as assorted unpickling errors
-        raise CheckpointError(f"checkpoint '{path}': cannot read its DCP metadata: {e}") from e
+    metadata = read_metadata(path)
     plan = json.loads((path / "plan.json").read_text()) if (path / "plan.json").is_file() else {"tables": []}
     types = {r["table"]: r["sharding_type"] for r in plan["tables"]}
     tables: dict[str, TableEntry] = {}

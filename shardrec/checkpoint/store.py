@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -29,6 +28,7 @@ from shardrec import __version__
 from shardrec.errors import CheckpointError
 from shardrec.checkpoint import relayout
 from shardrec.checkpoint.dcp_reader import SavedCheckpoint
+from shardrec.checkpoint.safe_read import safe_load
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 META_FILE = "meta.json"
@@ -102,7 +102,7 @@ def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = Tru
     try:
         rest = [k for k in flat if k not in other and not _read_in_place(saved, k, flat[k])]
         if rest:  # entries that are not tensors: DCP's own reader
-            dcp.load(_without(state, [mapping[k] for k in flat if k not in rest]), checkpoint_id=str(path))
+            safe_load(_without(state, [mapping[k] for k in flat if k not in rest]), path)
         failed = relayout.convert(saved, flat, other, step=int(meta["step"]))
     except CheckpointError:
         raise

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -21,6 +20,7 @@ from torch.optim import Optimizer
 from shardrec.errors import ConfigError
 from shardrec.checkpoint.store import TABLE_MARKERS, read_meta, resolve_resume, table_of_key
 from shardrec.checkpoint.config import WarmStartConfig
+from shardrec.checkpoint.safe_read import read_metadata, safe_load
 
 def _rename(key: str, tables: dict[str, str]) -> str:
     """``key`` with its table name (after an embedding marker, and in fused state names) mapped."""
@@ -38,7 +38,7 @@ def warm_start(cfg: WarmStartConfig, *, model: nn.Module, optimizer: Optimizer, 
     """Loads what matches from the checkpoint into ``model`` (and ``optimizer``); returns what was skipped."""
     path = resolve_resume(Path(cfg.path))
     read_meta(path)
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = read_metadata(path).state_dict_metadata
     state = {"model": model.state_dict(), **({"optim": optimizer.state_dict()} if cfg.optimizer else {})}
     flat, _ = flatten_state_dict(state)
     wanted, skipped = {}, []
@@ -52,7 +52,7 @@ def warm_start(cfg: WarmStartConfig, *, model: nn.Module, optimizer: Optimizer, 
         else:
             skipped.append(key)
     _check_renames(cfg, saved)
-    dcp.load(wanted, checkpoint_id=str(path))
+    safe_load(wanted, path)
     model.load_state_dict(state["model"])
     if cfg.optimizer:
         optimizer.load_state_dict(state["optim"])

@@ -71,7 +71,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
     reader = ParquetReader(cfg.data, schema=schema, batch_size=cfg.batch_size, prefetch=1, labels=False)
     files, _ = resolve(cfg.data)
     check_id_column(files, cfg.id_column)
-    module = torch.jit.load(str(cfg.model / manifest["files"]["user_tower" if two_tower else "model"]))
+    module = load_artifact(cfg.model / manifest["files"]["user_tower" if two_tower else "model"])
     columns = [cfg.id_column, *(["vector"] if two_tower else manifest["outputs"]["scores"])]
     if cfg.id_column in columns[1:]:
         raise ConfigError(f"--id-column '{cfg.id_column}' is also the name of a score column; the scores are {columns[1:]}")
@@ -97,6 +97,20 @@ def _table(columns: list[str], ids: pa.Array, outputs: torch.Tensor, *, vector: 
     if vector:
         return pa.table([ids, pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])], names=columns)
     return pa.table([ids, *(pa.array(values[:, j]) for j in range(values.shape[1]))], names=columns)
+
+
+def load_artifact(path: Path) -> torch.jit.ScriptModule:
+    """The TorchScript module at ``path``; anything else is a ConfigError naming the file.
+
+    ``torch.jit.load`` reads only TorchScript archives (zip files of TorchScript code and tensors);
+    it does not unpickle arbitrary Python objects, so a crafted pickle in their place runs nothing.
+    """
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # not a zip, not TorchScript, truncated: each a different error type
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"'{path}' is not a TorchScript model written by shardrec export ({reason}); nothing in it "
+                          "ran. Export the checkpoint again with shardrec export") from e
 
 
 def check_id_column(files: list[DataFile], column: str) -> None:

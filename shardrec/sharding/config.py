@@ -52,6 +52,9 @@ class ShardingConfig:
     """Per-table constraints, keyed by table name (DeepFM and WideDeep add ``<table>_linear`` tables)."""
     plan: str | None = None
     """A plan file from ``shardrec plan --out``: train with exactly that plan instead of planning."""
+    search_seconds: float = 30.0
+    """Time budget of the planner's search over candidate settings: once spent, the best plan found so
+    far is used and the candidates left are reported as not tried (each candidate runs to its end)."""
     objective: Literal["balanced", "perf", "memory", "default"] = "balanced"
     """What the planner optimizes among its candidates (shardrec/sharding/objectives.py); default:
     torchrec's planner alone."""
@@ -59,6 +62,8 @@ class ShardingConfig:
     def __post_init__(self) -> None:
         if self.memory_per_device_gb is not None and self.memory_per_device_gb <= 0:
             raise ConfigError(f"sharding.memory_per_device_gb must be > 0, got {self.memory_per_device_gb}")
+        if self.search_seconds <= 0:
+            raise ConfigError(f"sharding.search_seconds must be > 0, got {self.search_seconds}")
         if not 0 <= self.storage_reservation < 1:
             raise ConfigError(f"sharding.storage_reservation must be in [0, 1), got {self.storage_reservation}")
         self.default.check("sharding.default")

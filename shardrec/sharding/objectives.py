@@ -35,6 +35,7 @@ from torchrec.distributed.planner.types import Proposer, ShardingOption
 from torchrec.distributed.types import ModuleSharder
 
 from shardrec.errors import PlanError
+from shardrec.sharding.memory_bound import check_memory_bound, memory_bound
 from shardrec.sharding.config import ShardingConfig, TableConstraint
 from shardrec.sharding.planner import PlanResult, TopologySpec, make_plan
 from shardrec.sharding.report import PlanReport, build_report
@@ -198,10 +199,16 @@ def plan_for_objective(
     free = free_tables(cfg, tables)
     with_default = with_default or objective == "default" or len(tables) * topology.world_size <= DEFAULT_BUDGET
     todo = candidates(with_default=with_default) if free and objective != "default" else candidates()[:1]
-    outcomes = [
-        try_candidate(c, model, cfg=cfg, tables=tables, topology=topology, free=free, pooling=pooling, sharders=sharders)
-        for c in todo
-    ]
+    check_memory_bound(memory_bound(model, tables=tables, topology=topology, cfg=cfg), topology=topology)
+    start, outcomes = time.perf_counter(), []
+    for c in todo:
+        spent = time.perf_counter() - start
+        if spent > cfg.search_seconds and any(o.report is not None for o in outcomes):
+            outcomes.append(Outcome(c, None, None, 0.0, error=f"not tried: sharding.search_seconds={cfg.search_seconds:g} "
+                                    f"spent ({spent:.0f} s); raise it to search further"))
+            continue
+        outcomes.append(try_candidate(c, model, cfg=cfg, tables=tables, topology=topology, free=free, pooling=pooling,
+                                      sharders=sharders))
     return choose(outcomes, objective), outcomes
 
 

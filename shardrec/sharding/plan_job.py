@@ -227,17 +227,21 @@ def plan_command(
     out: Path | None,
     chart: Path | None,
     with_default: bool = False,
+    verbose: bool = False,
 ) -> Outcome:
-    """Plans ``source`` for ``topology`` with ``objective``, prints the report and writes the files."""
+    """Plans ``source`` for ``topology`` with ``objective``, prints the report and writes the files.
+
+    ``verbose`` shows torchrec's known repeated planner warnings, hidden otherwise."""
     from shardrec.sharding.chart import save_chart
-    from shardrec.sharding.planner import from_topology_config
+    from shardrec.sharding.planner import from_topology_config, known_planner_noise_hidden
     from shardrec.sharding.report import format_report
 
     spec = from_topology_config(topology)
-    chosen, outcomes = plan_for_objective(
-        source.model, cfg=source.sharding, tables=source.tables, topology=spec, objective=objective,
-        pooling=source.pooling, with_default=with_default,
-    )
+    with known_planner_noise_hidden(not verbose):
+        chosen, outcomes = plan_for_objective(
+            source.model, cfg=source.sharding, tables=source.tables, topology=spec, objective=objective,
+            pooling=source.pooling, with_default=with_default,
+        )
     assert chosen.report is not None
     print(format_report(chosen.report))
     print(f"\ncandidates ({objective} objective):\n{candidates_table(outcomes, chosen)}")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,6 +33,34 @@ from shardrec.output import text_table, write_atomic
 from shardrec.sharding.config import ShardingConfig
 from shardrec.sharding.sharders import default_sharders
 from shardrec.sharding.topology import GiB, TopologyConfig
+
+KNOWN_NOISE_WARNING = r"HeuristicalStorageReservation is known to cause issues"
+"""torchrec's FutureWarning, issued once per planner (so once per candidate plan)."""
+KNOWN_NOISE_LOG = "There is a known issue with TorchRec's dense tensor size calculation in dry run"
+"""torchrec's log warning about dense-size estimates on meta models, issued once per plan."""
+
+
+class _DropKnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return KNOWN_NOISE_LOG not in record.getMessage()
+
+
+@contextmanager
+def known_planner_noise_hidden(hidden: bool = True) -> Iterator[None]:
+    """Hides torchrec's two known, repeated planner warnings (matched by category and text; every
+    other warning still shows); ``hidden=False`` (``shardrec plan -v``) leaves them all."""
+    if not hidden:
+        yield
+        return
+    log, drop = logging.getLogger("torchrec.distributed.planner.storage_reservations"), _DropKnownNoise()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=KNOWN_NOISE_WARNING, category=FutureWarning)
+        log.addFilter(drop)
+        try:
+            yield
+        finally:
+            log.removeFilter(drop)
+
 
 @dataclass(frozen=True)
 class TopologySpec:
