@@ -5,7 +5,7 @@ Each case runs the real CLI in a fresh process (imports included, as a user wait
 - impossible: 1,000 tables of 20M x 128 (row-wise Adagrad, ~9.4 TiB) on 2x8xH100, rejected by
   the memory lower bound; its baseline is the same plan with the bound switched off (the search
   torchrec runs without it), stopped at ``--baseline-cap`` seconds.
-- fitting: 1,000 tables of mixed scales (10^3 to 10^7 rows, dim 16 to 128, ~1.3 TiB) on 4x8xH100 with
+- fitting: 1,000 tables of mixed scales (10^3 to 10^7 rows, dim 16 to 128) on 4x8xH100 with
   the default ``sharding.search_seconds``; its baseline is the unbounded search (every candidate).
 
 Usage: ``python bench/plan_wall_time.py [--baseline-cap 300]``; prints a markdown table.

@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 
-from shardrec.errors import CheckpointError
 from shardrec.output import atomic_folder
-from shardrec.checkpoint.store import read_meta, resolve_resume, table_of_key
+from shardrec.checkpoint.store import open_for_rewrite, table_of_key
 from shardrec.checkpoint.dcp_reader import SavedCheckpoint, find_data
 
 BLOCK_BYTES = 64 << 20
@@ -29,12 +28,7 @@ MANIFEST = "manifest.json"
 
 def export_checkpoint(path: Path, out: Path, *, block_bytes: int = BLOCK_BYTES) -> dict[str, Any]:
     """Writes the tables and dense tensors of checkpoint ``path`` (a run or step folder) to ``out``."""
-    path = resolve_resume(Path(path))
-    meta = read_meta(path)
-    if out.exists():
-        raise CheckpointError(f"export folder '{out}' already exists; pass another --out or remove it")
-    saved = SavedCheckpoint(path)
-    saved.check_files()
+    path, meta, saved = open_for_rewrite(path, out=out, label="export folder")
     tables = _table_keys(saved)
     with atomic_folder(out) as tmp:
         manifest = {"checkpoint": str(path), "step": meta.get("step"), "model": meta.get("model"), "tables": {}}

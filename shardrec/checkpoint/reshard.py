@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import (
 from shardrec.errors import CheckpointError
 from shardrec.output import atomic_folder
 from shardrec.checkpoint import relayout
-from shardrec.checkpoint.store import META_FILE, read_meta, resolve_resume, table_of_key
+from shardrec.checkpoint.store import META_FILE, open_for_rewrite, table_of_key
 from shardrec.checkpoint.dcp_reader import Box, SavedCheckpoint, find_data
 from shardrec.sharding.plan_file import read_plan_file
 
@@ -113,12 +113,7 @@ class _Writer:
 
 def reshard_checkpoint(path: Path, *, plan: Path, out: Path, block_bytes: int = BLOCK_BYTES) -> dict[str, Any]:
     """Writes checkpoint ``path`` (a run or step folder) to ``out``, laid out as plan file ``plan`` says."""
-    path = resolve_resume(Path(path))
-    meta = read_meta(path)
-    if out.exists():
-        raise CheckpointError(f"output '{out}' already exists; pass another --out or remove it")
-    saved = SavedCheckpoint(path)
-    saved.check_files()
+    path, meta, saved = open_for_rewrite(path, out=out, label="output")
     data = read_plan_file(plan)
     records = _match_tables(saved, data, plan=plan)
     with atomic_folder(out) as tmp:

@@ -65,18 +65,19 @@ class MetadataUnpickler(pickle.Unpickler):
         )
 
 
-def read_metadata(folder: Path) -> Metadata:
-    """The DCP metadata of the checkpoint in ``folder``, read without running code from it.
+def read_metadata(folder: Path, *, rank: int | None = None) -> Metadata:
+    """The DCP metadata of the checkpoint in ``folder`` (``rank``: that rank's own metadata file,
+    which DCP falls back to), read without running code from it.
 
     Raises:
         CheckpointError: the file is missing, truncated, or names a global outside ALLOWED.
     """
-    path = Path(folder) / METADATA_FILE
+    path = Path(folder) / (METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}")
     try:
         with path.open("rb") as f:
             metadata = MetadataUnpickler(f, path=path).load()
     except FileNotFoundError as e:
-        raise CheckpointError(f"'{folder}' holds no {METADATA_FILE}: it is not a complete DCP checkpoint") from e
+        raise CheckpointError(f"'{folder}' holds no {path.name}: it is not a complete DCP checkpoint") from e
     except CheckpointError:
         raise
     except Exception as e:  # a truncated or garbled pickle raises anything from EOFError to TypeError
@@ -90,9 +91,7 @@ class SafeReader(FileSystemReader):
     """DCP's file system reader with :func:`read_metadata` in place of its ``pickle.load``."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if kwargs.get("rank") is not None:
-            raise CheckpointError("per-rank DCP metadata files are not supported; save with one .metadata")
-        metadata = read_metadata(Path(str(self.path)))
+        metadata = read_metadata(Path(str(self.path)), rank=kwargs.get("rank"))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -215,3 +215,15 @@ def resolve_resume(path: Path) -> Path:
         if found is not None:
             return found
     raise CheckpointError(f"no complete checkpoint under '{path}'; pass a run folder that has checkpoints/step-N")
+
+
+def open_for_rewrite(path: Path, *, out: Path, label: str) -> tuple[Path, dict[str, Any], SavedCheckpoint]:
+    """The committed checkpoint at ``path`` (a run or step folder) opened for an offline rewrite
+    into ``out``: its resolved path, meta.json and files, each checked; ``out`` must not exist."""
+    path = resolve_resume(Path(path))
+    meta = read_meta(path)
+    if out.exists():
+        raise CheckpointError(f"{label} '{out}' already exists; pass another --out or remove it")
+    saved = SavedCheckpoint(path)
+    saved.check_files()
+    return path, meta, saved

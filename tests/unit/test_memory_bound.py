@@ -110,7 +110,8 @@ def test_known_planner_noise_is_hidden_unless_verbose(hidden: bool, caplog: pyte
     specs = [TableSpec(name="a", rows=1000, dim=8)]
     model, tables = tables_model(specs), {"a": (1000, 8)}
     topology = TopologySpec(world_size=2, local_world_size=2, compute_device="cpu", memory_per_device_bytes=1 << 30)
-    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING):
+    logger = "torchrec.distributed.planner.storage_reservations"  # quiet_libraries (other tests) may mute "torchrec"
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING, logger=logger):
         warnings.simplefilter("always")
         with known_planner_noise_hidden(hidden):
             make_plan(model, cfg=ShardingConfig(), tables=tables, topology=topology, pg=None)
