@@ -16,21 +16,39 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     from shardrec.data.prepare import resolve_data
     from shardrec.job import load_job
     from shardrec.launch.local import launch
+    from shardrec.launch.preflight import Launch, check_job
+    from shardrec.sharding.planner import resolve_compute_device
     from shardrec.train import run_dir
 
     job = load_job(args.config, overrides)
     job = dataclasses.replace(job, data=resolve_data(job.data, job.features))
-    paths = run_dir.prepare(job, resume=args.resume is not None, resume_path=args.resume or None)
+    resume = run_dir.find_resume(job, args.resume or None) if args.resume is not None else None
+    check_job(job, Launch(args.nproc, args.nproc, resolve_compute_device(job.sharding)), resume=resume)
+    paths = run_dir.prepare(job, resume=resume)
     print(f"run folder: {paths.run_dir}", flush=True)
     rc = launch(nproc=args.nproc, config=paths.config, run_dir=paths.run_dir, resume=paths.resume)
+    if rc == INTERRUPTED:
+        last = run_dir.mark_interrupted(paths.run_dir)
+        where = f"the latest checkpoint is {last}" if last is not None else "no checkpoint was committed yet"
+        print(f"shardrec: interrupted: {where}; continue with: shardrec train --resume {paths.run_dir}", file=sys.stderr)
+        return rc
     return _report(paths.run_dir, rc)
 
 
-def _report(run_dir: Path, rc: int) -> int:
+INTERRUPTED = 130
+
+
+def _report(run_dir: Path, rc: int, *, local: bool = True) -> int:
     if rc != 0:
+        from shardrec.launch.local import failure
+
+        if local:
+            found = failure(run_dir)
+            print(f"shardrec: error: training failed: {found.line}", file=sys.stderr)
+            return 2 if found.bad_input else 1
         error = run_dir / "error.txt"
         detail = error.read_text().strip() if error.is_file() else "see the log above"
-        print(f"shardrec: training failed: {detail}", file=sys.stderr)
+        print(f"shardrec: error: training failed: {detail}", file=sys.stderr)
         return rc
     result = json.loads((run_dir / "result.json").read_text())
     if result["eval"]:
@@ -181,7 +199,7 @@ def submit(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     final = cluster.follow(handle, nodes=launch.nodes)
     print(cluster.format_status(handle, final))
-    return _report(sub.run_dir, 0 if cluster.succeeded(final) else 1)
+    return _report(sub.run_dir, 0 if cluster.succeeded(final) else 1, local=False)
 
 
 def job_status(args: argparse.Namespace, _: list[str]) -> int:

@@ -188,10 +188,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+        raise ConfigError(f"config file '{path}' is not valid YAML: {yaml_problem(e)}; fix the syntax there") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     return data
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: what is wrong and where (line and column, from 1)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 def to_dict(obj: Any) -> Any:

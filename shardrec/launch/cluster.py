@@ -27,6 +27,8 @@ from shardrec.data.prepare import resolve_data
 from shardrec.errors import ConfigError, LaunchError
 from shardrec.job import JobConfig, dump_job, load_job
 from shardrec.launch import components
+from shardrec.launch.preflight import Launch, check_job
+from shardrec.sharding.planner import resolve_compute_device
 from shardrec.output import write_atomic
 from shardrec.train import run_dir as run_dirs
 
@@ -148,6 +150,7 @@ def prepare(config: Path | None, overrides: list[str], launch: LaunchConfig, *, 
     if traits.host_files:  # the data are where the ranks read them: check them (or make them) here
         job = dataclasses.replace(job, data=resolve_data(job.data, job.features))
     _check_devices(job, launch)
+    _preflight(job, launch, traits)
     run_dir = run_dirs.new_run(job).resolve()
     target = _Target(launch, traits)
     target_run = target.path(run_dir, what="the run folder (config, checkpoints, metrics)")
@@ -174,6 +177,17 @@ def _appdef(launch: LaunchConfig, traits: SchedulerTraits, *, run_dir: Path, nam
         python=sys.executable if traits.host_files else "python", name=name,
         **{k: v for k, v in given.items() if v is not None},
     )
+
+
+def _preflight(job: JobConfig, launch: LaunchConfig, traits: SchedulerTraits) -> None:
+    """The whole job checked here, before submitting: the model against the schema, a plan file
+    against the world size (where its path is on this machine), the memory bound."""
+    nodes, nproc = components.parse_nodes(launch.j)
+    if not traits.host_files:  # paths name the ranks' file system, not this one
+        job = dataclasses.replace(job, sharding=dataclasses.replace(job.sharding, plan=None),
+                                  checkpoint=dataclasses.replace(job.checkpoint, warm_start=None))
+    device = "cuda" if launch.gpu else resolve_compute_device(job.sharding)
+    check_job(job, Launch(world_size=nodes * nproc, local_world_size=nproc, compute_device=device))
 
 
 def _check_devices(job: JobConfig, launch: LaunchConfig) -> None:

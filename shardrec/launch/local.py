@@ -1,30 +1,123 @@
-"""Runs a resolved job as N local processes through torchrun, or in this process when N is 1."""
+"""Runs a resolved job as N local processes through torchrun, or in this process when N is 1.
+
+The ranks write their stderr into ``<run>/logs/rank-R.log`` (rank 0 also shows it) and torchrun's
+agent writes its own lines to ``<run>/logs/launcher.log`` (shardrec/launch/agent.py), so a failure
+is reported by :func:`failure_line` in one line with the path of the failing rank's log. Ctrl-C
+stops every rank (SIGINT, then SIGKILL after ``SHUTDOWN_S``) and returns 130.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+from shardrec.launch.agent import FAILURE_FILE
+from shardrec.train import rank_log
+
+INTERRUPTED = 130
+SHUTDOWN_S = 30.0
+"""Seconds the ranks get to end after Ctrl-C before they are killed."""
+
+
+def worker_args(*, config: Path, run_dir: Path, resume: Path | None) -> list[str]:
+    """The arguments of every rank's ``shardrec.train.worker``."""
+    return ["--config", str(config), "--run-dir", str(run_dir)] + (["--resume", str(resume)] if resume else [])
 
 
 def torchrun_command(*, nproc: int, config: Path, run_dir: Path, resume: Path | None) -> list[str]:
-    """The torchrun command line that starts ``nproc`` ranks of the worker on this machine."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "shardrec.train.worker", "--config", str(config), "--run-dir", str(run_dir),
+    """The command that starts ``nproc`` ranks of the worker on this machine under the quiet agent."""
+    return [
+        sys.executable, "-m", "shardrec.launch.agent", str(rank_log.log_dir(run_dir)), "--standalone",
+        f"--nproc_per_node={nproc}", "-m", "shardrec.train.worker", *worker_args(config=config, run_dir=run_dir, resume=resume),
     ]
-    if resume is not None:
-        cmd += ["--resume", str(resume)]
-    return cmd
+
+
+@contextmanager
+def _env(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def launch(*, nproc: int, config: Path, run_dir: Path, resume: Path | None) -> int:
-    """Starts the ranks and waits for them; returns the exit code (0 on success)."""
+    """Starts the ranks and waits for them; returns the exit code (0 success, 130 interrupted)."""
+    logs = rank_log.log_dir(run_dir)
+    for stale in [*logs.glob("rank-*.error.json"), logs / FAILURE_FILE]:  # of an earlier launch of this run
+        stale.unlink(missing_ok=True)
     if nproc == 1:
         from shardrec.train.worker import main
 
-        args = ["--config", str(config), "--run-dir", str(run_dir)] + (["--resume", str(resume)] if resume else [])
-        return main(args)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(torchrun_command(nproc=nproc, config=config, run_dir=run_dir, resume=resume), env=env).returncode
+        with _env(rank_log.ENV, "1"):
+            try:
+                return main(worker_args(config=config, run_dir=run_dir, resume=resume))
+            except KeyboardInterrupt:
+                return INTERRUPTED
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1", rank_log.ENV: "1"}
+    # A session of its own: Ctrl-C reaches this process only, which stops the agent once, in order.
+    proc = subprocess.Popen(torchrun_command(nproc=nproc, config=config, run_dir=run_dir, resume=resume), env=env,
+                            start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        _stop(proc)
+        return INTERRUPTED
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Asks the agent to stop its ranks (SIGINT); kills the whole group if that takes too long."""
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=SHUTDOWN_S)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a local run failed, as the launcher reports it."""
+
+    line: str
+    """One line: the failing rank, its error, and the path of its full log."""
+    bad_input: bool
+    """The rank stopped on a ShardrecError (bad config or data): the CLI exits 2."""
+
+
+def failure(run_dir: Path) -> Failure:
+    """The first failure of a local run: the rank torchrun saw fail first (``failure.json``), with
+    its own error line if it left one, else how it ended (exit code, signal)."""
+    agent = rank_log.log_dir(run_dir) / FAILURE_FILE
+    first = json.loads(agent.read_text()) if agent.is_file() else None
+    errors = rank_log.errors(run_dir)
+    if first is not None:
+        rank = int(first["rank"])
+        own = errors.get(rank)
+        if own is None or own["kind"] == "lost":
+            how = f"was killed by {first['signal']}" if first.get("signal") else f"exited with code {first['exitcode']}"
+            hint = " (out of memory? see the kernel log)" if first.get("signal") == "SIGKILL" else ""
+            return Failure(f"rank {rank} {how}{hint} (full log: {rank_log.log_file(run_dir, rank)})", bad_input=False)
+    else:
+        own = rank_log.first_error(errors)
+    if own is not None:
+        rank = int(own["rank"])
+        return Failure(f"rank {rank}: {' '.join(str(own['line']).split())} (full log: {rank_log.log_file(run_dir, rank)})",
+                       bad_input=own["kind"] == "input")
+    return Failure(f"the ranks left no error; see {rank_log.log_dir(run_dir)}", bad_input=False)

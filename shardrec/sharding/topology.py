@@ -118,10 +118,13 @@ _SPEC = re.compile(r"^(?:(\d+)x)?(\d+)x([A-Za-z0-9-]+)$")
 def parse_topology(text: str) -> TopologyConfig:
     """Parses ``NODESxDEVICESxKIND`` (e.g. ``4x8xH100``) or ``DEVICESxKIND`` (one node, e.g. ``8xH200``)."""
     m = _SPEC.match(text.strip())
-    if not m:
+    if not m or m.group(3).isdigit():
         raise ConfigError(
             f"--topology '{text}' is not NODESxDEVICESxKIND (e.g. 4x8xH100) or DEVICESxKIND (e.g. 8xH200); "
             f"kinds: {', '.join(PRESETS)}"
         )
     nodes, devices, kind = m.groups()
-    return TopologyConfig(nodes=int(nodes or 1), devices_per_node=int(devices), device=kind)
+    try:
+        return TopologyConfig(nodes=int(nodes or 1), devices_per_node=int(devices), device=kind)
+    except ConfigError as e:
+        raise ConfigError(f"--topology '{text}': {e}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +57,21 @@ def ensure_config(job: JobConfig, run_dir: Path) -> None:
         write_atomic(run_dir / "config.yaml", dump_job(job))
 
 
-def prepare(job: JobConfig, *, resume: bool, resume_path: str | None) -> RunPaths:
-    """Creates (or reopens, when resuming) the run folder and writes the resolved config into it."""
-    ckpt = find_resume(job, resume_path) if resume else None
-    run_dir = ckpt.parent.parent if ckpt is not None else new_run(job)
+def prepare(job: JobConfig, *, resume: Path | None) -> RunPaths:
+    """Creates (or reopens, when resuming checkpoint ``resume``) the run folder and writes the resolved config into it."""
+    run_dir = resume.parent.parent if resume is not None else new_run(job)
     run_dir.mkdir(parents=True, exist_ok=True)
     # A resumed run keeps the first config.yaml; each resume's resolved job is kept beside it.
-    config = run_dir / ("config.yaml" if ckpt is None else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    config = run_dir / ("config.yaml" if resume is None else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     write_atomic(config, dump_job(job))
-    return RunPaths(run_dir=run_dir, config=config, resume=ckpt)
+    return RunPaths(run_dir=run_dir, config=config, resume=resume)
+
+
+def mark_interrupted(run_dir: Path) -> Path | None:
+    """Writes ``result.json`` of a run stopped by Ctrl-C: its latest committed checkpoint, from
+    which ``shardrec train --resume RUN`` goes on. Returns that checkpoint (None: none yet)."""
+    last = checkpoint.latest(run_dir / "checkpoints")
+    step = int(checkpoint.read_meta(last)["step"]) if last is not None else 0
+    result = {"status": "interrupted", "step": step, "checkpoint": str(last) if last is not None else None}
+    write_atomic(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    return last

@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +27,7 @@ from shardrec.data.prepare import resolve_data
 from shardrec.errors import RankLostError, ShardrecError
 from shardrec.job import JobConfig, load_job
 from shardrec.checkpoint import store as checkpoint
+from shardrec.train import rank_log
 from shardrec.train import run_dir as run_dirs
 from shardrec.train.dist import DistContext, init_distributed, lost_ranks_as_errors, shutdown
 from shardrec.train.quiet import quiet_libraries
@@ -61,7 +66,7 @@ def _train(job: JobConfig, *, ctx: DistContext, run_dir: Path, resume: Path | No
         trainer.warm_start()
     result = trainer.fit()
     if ctx.is_main:
-        (run_dir / "result.json").write_text(json.dumps(summary(result), indent=2) + "\n")
+        (run_dir / "result.json").write_text(json.dumps({"status": "completed", **summary(result)}, indent=2) + "\n")
     return result
 
 
@@ -96,19 +101,78 @@ def _resume(value: str | None) -> Resume:
 
 @record
 def main(argv: list[str] | None = None) -> int:
-    """Runs one rank; a bad-input error is printed as one line and exits 2."""
+    """Runs one rank; a bad-input error is printed as one line and exits 2, Ctrl-C exits 130.
+
+    Under ``shardrec train`` (rank_log.enabled()) the rank's stderr goes to its log in the run
+    folder and a failure leaves its one line there for the launcher to print; otherwise (torchx,
+    a bare torchrun) the line goes to stderr and other exceptions propagate to torchelastic.
+    """
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     quiet_libraries()
+    _watch_sigint()
+    _SIGINT.received = False
+    rank = int(os.environ.get("RANK", "0"))
+    if not (rank_log.enabled() and args.run_dir is not None):
+        return _run_rank(args, overrides, rank=rank, logged=False)
+    with rank_log.captured(args.run_dir, rank):
+        return _run_rank(args, overrides, rank=rank, logged=True)
+
+
+def _run_rank(args: argparse.Namespace, overrides: list[str], *, rank: int, logged: bool) -> int:
     run_dir = args.run_dir
     try:
         job = load_job(args.config, overrides)
         run_dir = run_dir or run_dirs.runs_of(job) / args.run_id
         run(job, run_dir=run_dir, resume=_resume(args.resume))
+    except KeyboardInterrupt:
+        return INTERRUPTED
     except ShardrecError as e:
-        print(f"shardrec: error: {e}", file=sys.stderr, flush=True)
+        if interrupted():  # a peer that Ctrl-C stopped first: not a failure of its own
+            return INTERRUPTED
+        stream = rank_log.log_only(sys.stderr) if logged else sys.stderr
+        print(f"shardrec: error: {e}", file=stream, flush=True)  # type: ignore[call-overload]
         report_error(e, run_dir)
+        if logged:
+            rank_log.write_error(run_dir, rank, line=str(e), kind="lost" if isinstance(e, RankLostError) else "input")
         return 2
+    except Exception as e:
+        if interrupted():
+            return INTERRUPTED
+        if not logged:
+            raise
+        traceback.print_exc(file=rank_log.log_only(sys.stderr))  # type: ignore[arg-type]
+        get_error_handler().record_exception(e)
+        rank_log.write_error(run_dir, rank, line=f"{type(e).__name__}: {e}", kind="crash")
+        return 1
     return 0
+
+
+INTERRUPTED = 130
+"""Exit code of a run stopped by Ctrl-C (SIGINT), as shells report it."""
+
+
+def interrupted() -> bool:
+    """Whether this process has received SIGINT (the error being handled may be its consequence)."""
+    return _SIGINT.received
+
+
+class _SigintFlag:
+    """Remembers a SIGINT, then raises KeyboardInterrupt as Python's default handler does."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+
+_SIGINT = _SigintFlag()
+
+
+def _watch_sigint() -> None:
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _SIGINT)
 
 
 def report_error(e: ShardrecError, run_dir: Path | None) -> None:
