@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from shardrec.checkpoint.dcp_reader import SavedCheckpoint
-from shardrec.checkpoint.store import first_problems, read_meta
+from shardrec.checkpoint.store import first_problems, read_meta, resolve_resume
 from shardrec.errors import CheckpointError
 from shardrec.job import JobConfig
 from shardrec.sharding.memory_bound import check_memory_bound, memory_bound
@@ -51,7 +51,7 @@ def check_job(job: JobConfig, launch: Launch, *, resume: Path | None = None) -> 
         check_resume(resume, meta)
     warm = job.checkpoint.warm_start
     if warm is not None:
-        read_meta(Path(warm.path))  # exists, committed, of a format this version reads
+        read_meta(resolve_resume(Path(warm.path)))  # exists, committed, of a format this version reads
     return meta
 
 

@@ -23,8 +23,11 @@ TIMEOUT_S = 300  # a hang guard, not a timing
 
 def _start(tmp: Path, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # As from a terminal: SIGINT's default action, even if this test process inherited it ignored
+    # (a process started with SIGINT ignored keeps ignoring it, as POSIX background jobs do).
     return subprocess.Popen([sys.executable, "-m", "shardrec.cli", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _job(tmp: Path, **sections: dict) -> Path:

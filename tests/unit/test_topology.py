@@ -46,7 +46,7 @@ def test_kinds_are_case_insensitive_with_aliases(text: str, preset: str) -> None
     [
         ("fast", ["--topology 'fast'", "NODESxDEVICESxKIND", KINDS]),
         ("4x8xTPU", ["topology.device", "'TPU'", KINDS]),
-        ("4x8", ["topology.device", "'8'", KINDS]),  # read as 4 devices of a kind named '8'
+        ("4x8", ["--topology '4x8'", "NODESxDEVICESxKIND", KINDS]),  # not 4 devices of a kind named '8'
         ("0x8xH100", ["topology", "nodes and devices_per_node must be > 0", "got 0 and 8"]),
         ("4x0xH100", ["topology", "got 4 and 0"]),
     ],
