@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 from shardrec.errors import ShardrecError
@@ -52,7 +53,10 @@ def _report(run_dir: Path, rc: int, *, local: bool = True) -> int:
         return rc
     result = json.loads((run_dir / "result.json").read_text())
     if result["eval"]:
-        print(f"eval auc: {result['eval']['auc']:.4f}  log loss: {result['eval']['log_loss']:.4f}")
+        from shardrec.train.metrics import HEADLINE
+
+        shown = "  ".join(f"{k.replace('_', ' ')}: {result['eval'][k]:.4f}" for k in HEADLINE if k in result["eval"])
+        print(f"eval {shown}" if shown else f"eval: {result['eval']}")
     print(f"checkpoint: {result['checkpoint']}")
     return 0
 
@@ -78,6 +82,31 @@ def prepare_dataset(args: argparse.Namespace, overrides: list[str]) -> int:
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     report = prepare(args.dataset, input=Path(args.input), output=Path(args.output), **options)
     print(report.summary())
+    return 0
+
+
+def data_stats(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``shardrec data stats JOB.yaml --out FILE [--section.key=value ...]``: the training data's
+    statistics for the job's normalized, mean-filled and quantile-bucketized features."""
+    from shardrec.data.feature_stats import compute_stats, write_stats
+    from shardrec.data.prepare import resolve_data
+    from shardrec.errors import ConfigError
+    from shardrec.job import load_job
+
+    job = load_job(Path(args.config), overrides)
+    if not job.features.needs_stats:
+        raise ConfigError(f"'{args.config}': no feature needs statistics (set normalize, fill_missing: mean or num_buckets "
+                          "on a feature first)")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out '{out}' is a folder; pass the path of the file to write, e.g. {out / 'feature_stats.json'}")
+    data = resolve_data(job.data, job.features)
+    start = time.perf_counter()
+    stats = compute_stats(data.train_path, job.features, seed=job.train.seed)  # type: ignore[arg-type]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_stats(out, stats)
+    print(f"wrote {out}: {len(stats.dense)} dense and {len(stats.quantiles)} bucketized features over {stats.rows} rows "
+          f"of {data.train_path} in {time.perf_counter() - start:.1f} s; use it with data.feature_stats={out}")
     return 0
 
 
@@ -302,7 +331,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _data_parser(sub: argparse._SubParsersAction) -> None:
-    """``shardrec data criteo|prepare|synth``."""
+    """``shardrec data criteo|prepare|stats|synth``."""
     d = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     c = d.add_parser("criteo", help="convert Criteo text (TSV/CSV) to Parquet")
     c.add_argument("--input", required=True)
@@ -323,6 +352,10 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--seed", type=int, help="seed of random splits, shuffles and negative sampling; default 0")
     pr.add_argument("--eval-file", help="criteo: the day file to hold out for eval; default the last one")
     pr.set_defaults(func=prepare_dataset)
+    st = d.add_parser("stats", help="compute the training data's feature statistics (normalize, fill_missing: mean, num_buckets)")
+    st.add_argument("config", help="the job YAML (its features and data.train_path)")
+    st.add_argument("--out", required=True, help="the JSON file to write; a job reads it with data.feature_stats")
+    st.set_defaults(func=data_stats)
     sy = d.add_parser("synth", help="write a large synthetic Parquet data set plus schema.yaml, in parallel")
     sy.add_argument("--output", required=True, help="folder to create (must not exist, or be empty)")
     sy.add_argument("--rows", required=True, type=int, help="rows in all")

@@ -205,7 +205,7 @@ def yaml_problem(e: yaml.YAMLError) -> str:
 def to_dict(obj: Any) -> Any:
     """Turns a config dataclass tree back into plain YAML-friendly data."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -62,6 +62,10 @@ class JobConfig:
             )
 
     def _check_retrieval(self) -> None:
+        other = [t for t in self.features.tasks if t.type != "binary"]
+        if other:
+            raise ConfigError(f"model '{self.model_name}' is a retrieval model, trained on which items a user chose, but "
+                              f"features.label '{other[0].name}' is {other[0].type}; declare the label binary or use a ranking model")
         if self.data.eval_path is not None and self.data.items_path is None:
             raise ConfigError(
                 f"model '{self.model_name}' is evaluated by ranking every item: set data.items_path to the item catalogue "

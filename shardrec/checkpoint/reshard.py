@@ -198,9 +198,10 @@ def _write_state(saved: SavedCheckpoint, writer: _Writer, source: relayout.Sourc
 
 
 def _attach(src: Path, dst: Path, *, meta: dict[str, Any], plan: Path, world_size: int) -> None:
-    """meta.json (new world size, where it came from), the new plan, and the job the checkpoint carried."""
-    if (src / "config.yaml").is_file():
-        shutil.copyfile(src / "config.yaml", dst / "config.yaml")
+    """meta.json (new world size, where it came from), the new plan, and the job and feature statistics the checkpoint carried."""
+    for name in ("config.yaml", "feature_stats.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
     shutil.copyfile(plan, dst / "plan.json")
     new_meta = {**meta, "world_size": world_size, "resharded_from": str(src)}
     (dst / META_FILE).write_text(json.dumps(new_meta, indent=2) + "\n")

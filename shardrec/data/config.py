@@ -58,6 +58,9 @@ class DataConfig:
     on_bad_rows: Literal["error", "skip"] = "error"
     """A row group that fails to decode (bad id, NaN, label outside 0/1 ...): stop with an error, or
     skip its rows and count them in metrics.jsonl (``skipped_rows``)."""
+    feature_stats: str | None = None
+    """A statistics file written by ``shardrec data stats`` for the features that need them
+    (normalize, fill_missing: mean, num_buckets); unset: the run computes them from ``train_path``."""
     synthetic: SyntheticConfig | None = None
     """Make synthetic data on first use (cached under ``cache_dir``) when ``train_path`` is unset."""
     cache_dir: str = "~/.cache/shardrec"

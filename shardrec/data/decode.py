@@ -1,6 +1,7 @@
 """Decoding: a table of one row group (slice) -> numpy arrays per feature, and batches cut from them.
 
-Dense features become float32 columns (nulls filled or rejected, optional log1p), labels 0/1
+Dense features become float32 columns (clipped, nulls filled or rejected, optional log1p, normalized
+with the training data's statistics), labels 0/1
 float32, and each sparse feature int32 lengths and int64 ids (hashed, bounds-checked, bucketized,
 crossed, truncated), plus float32 weights for weighted features. ``Assembler`` then cuts batches of
 any size from a queue of decoded chunks, across row group and file boundaries.
@@ -18,9 +19,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.batch import Batch
-from shardrec.data.schema import FeatureSchema
+from shardrec.data.schema import DenseFeature, DenseStats, FeatureSchema, LabelConfig
 from shardrec.data.sparse import SparseColumn, decode_sparse
-from shardrec.errors import DataError
+from shardrec.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------
 # Decoding one row group (slice) into numpy arrays.
@@ -54,7 +55,7 @@ def decode(table: pa.Table, schema: FeatureSchema, where: str) -> Chunk:
     sparse = [decode_sparse(table, f, i, schema, where) for i, f in enumerate(schema.sparse)]
     # The reader validated every label column present, or read none of them.
     labeled = any(name in table.column_names for name in schema.labels)
-    labels = [_decode_labels(table.column(name), name, where) for name in schema.labels] if labeled else []
+    labels = [decode_labels(table.column(t.name), t, where) for t in schema.tasks] if labeled else []
     plain = [c for c, f in zip(sparse, schema.sparse) if not f.weights]
     # Key-major stacks let a batch of single-id features be cut with one slice instead of one per key.
     plain_lengths = np.stack([c.lengths for c in plain]) if plain else None
@@ -72,7 +73,7 @@ def decode(table: pa.Table, schema: FeatureSchema, where: str) -> Chunk:
 def _stack_labels(labels: list[np.ndarray], schema: FeatureSchema, *, rows: int) -> np.ndarray:
     if not labels:
         return np.zeros((rows, 0), dtype=np.float32)
-    return labels[0] if isinstance(schema.label, str) else np.stack(labels, axis=1)
+    return labels[0] if schema.single_label else np.stack(labels, axis=1)
 
 
 def _to_float32(col: pa.ChunkedArray) -> np.ndarray:
@@ -83,32 +84,99 @@ def _to_float32(col: pa.ChunkedArray) -> np.ndarray:
 def _decode_dense(table: pa.Table, schema: FeatureSchema, where: str) -> np.ndarray:
     out = np.empty((table.num_rows, len(schema.dense)), dtype=np.float32)
     for i, f in enumerate(schema.dense):
-        x = _to_float32(table.column(f.name))
-        missing = np.isnan(x)
-        if missing.any():
-            if f.fill_missing is None:
-                raise DataError(
-                    f"{where}: column '{f.name}' has {int(missing.sum())} null or NaN values; "
-                    f"set features.dense[{i}].fill_missing to the value to use for them"
-                )
-            x = np.where(missing, np.float32(f.fill_missing), x)
-        if f.transform == "log1p":
-            x = np.log1p(np.maximum(x, 0))
-        out[:, i] = x
+        out[:, i] = transform_dense(f, _to_float32(table.column(f.name)), where=where, index=i)
     return out
 
 
-def _decode_labels(col: pa.ChunkedArray, name: str, where: str) -> np.ndarray:
+def clipped(f: DenseFeature, x: np.ndarray) -> np.ndarray:
+    """``x`` clipped into ``f.clip`` (NaN stays NaN)."""
+    return x if f.clip is None else np.clip(x, f.clip[0], f.clip[1])
+
+
+def transform_dense(f: DenseFeature, x: np.ndarray, *, where: str, index: int) -> np.ndarray:
+    """Feature ``f``'s float32 model input from its raw float32 column ``x`` (NaN for nulls):
+    clip, fill, log, normalize, in that order."""
+    x = clipped(f, x)
+    missing = np.isnan(x)
+    if missing.any():
+        if f.fill_missing is None:
+            raise DataError(
+                f"{where}: column '{f.name}' has {int(missing.sum())} null or NaN values; "
+                f"set features.dense[{index}].fill_missing to the value to use for them (or 'mean')"
+            )
+        fill = _stats(f).raw_mean if f.fill_missing == "mean" else f.fill_missing
+        x = np.where(missing, np.float32(fill), x)
+    if f.takes_log:
+        x = np.log1p(np.maximum(x, 0))
+    if f.normalize in ("zscore", "log_zscore"):
+        s = _stats(f)
+        x = (x - np.float32(s.mean)) / np.float32(s.std if s.std > 0 else 1.0)
+    elif f.normalize == "minmax":
+        s = _stats(f)
+        span = s.max - s.min
+        x = (x - np.float32(s.min)) / np.float32(span if span > 0 else 1.0)
+    return x.astype(np.float32, copy=False)
+
+
+def _stats(f: DenseFeature) -> DenseStats:
+    if f.stats is None:
+        raise ConfigError(f"features.dense '{f.name}': normalize: {f.normalize} / fill_missing: {f.fill_missing} needs "
+                          "the training data's statistics; read it with a schema from apply_stats (shardrec train does)")
+    return f.stats
+
+
+_LABEL_RULES = {
+    "binary": "labels must be 0 or 1",
+    "regression": "regression labels must be finite numbers",
+    "multiclass": "multiclass labels must be class ids 0 .. num_classes - 1",
+}
+
+
+def decode_labels(col: pa.ChunkedArray, task: LabelConfig, where: str) -> np.ndarray:
+    """float32 values of label column ``col`` for ``task`` (multiclass: the class id), checked
+    against the task's type; a DataError names the column, the first bad value and the bad rows."""
+    if task.type == "multiclass" and is_strings(col.type):
+        return _class_ids(col, task, where)
     y = _to_float32(col)
-    bad = (y != 0) & (y != 1)
+    if task.type == "binary":
+        bad = (y != 0) & (y != 1)
+    elif task.type == "regression":
+        bad = ~np.isfinite(y)
+    else:
+        bad = ~np.isfinite(y) | (y < 0) | (y >= task.width) | (y != np.floor(y))
     if bad.any():
         value = y[bad][0]
         shown = "null/NaN" if np.isnan(value) else repr(float(value))
+        fix = ("fix the data or set features.label to the 0/1 column (or declare its type: regression or multiclass)"
+               if task.type == "binary" else f"fix the data or the label's type (num_classes {task.num_classes})"
+               if task.type == "multiclass" else "fix the data (drop or fill those rows)")
         raise DataError(
-            f"{where}: label column '{name}' holds {shown}; "
-            "labels must be 0 or 1: fix the data or set features.label to the 0/1 column"
+            f"{where}: label column '{task.name}' holds {shown}; {_LABEL_RULES[task.type]}, and {int(bad.sum())} of "
+            f"{len(y)} rows are not: {fix}"
         )
     return y
+
+
+def is_strings(t: pa.DataType) -> bool:
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _class_ids(col: pa.ChunkedArray, task: LabelConfig, where: str) -> np.ndarray:
+    """Class ids of string labels: positions in ``task.classes`` (the training data's classes)."""
+    if task.classes is None:
+        raise ConfigError(f"features.label '{task.name}': string classes need the training data's class list; read it "
+                          "with a schema from shardrec.data.feature_stats.apply_stats (shardrec train does)")
+    arr = pc.cast(col, pa.string()) if pa.types.is_dictionary(col.type) else col
+    ids = pc.index_in(arr, value_set=pa.array(task.classes, pa.string())).to_numpy(zero_copy_only=False)
+    unknown = np.isnan(ids.astype(np.float64)) if ids.dtype.kind == "f" else np.zeros(len(ids), dtype=bool)
+    if unknown.any():
+        first = pc.filter(arr, pa.array(unknown)).to_pylist()[0]
+        raise DataError(
+            f"{where}: label column '{task.name}' holds {first!r}, a class the training data does not have, in "
+            f"{int(unknown.sum())} of {len(ids)} rows; the known classes are {', '.join(task.classes)}: fix the data"
+        )
+    return ids.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

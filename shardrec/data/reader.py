@@ -45,11 +45,14 @@ class _Column:
     sequence: bool = False
     ids: str | None = None
     """For weights: the id column they align with."""
+    classes: bool = False
+    """For labels: a multiclass label, which may also hold strings."""
 
 
 def _columns(schema: FeatureSchema, *, labels: bool = True) -> list[_Column]:
-    one = isinstance(schema.label, str)
-    cols = [_Column(name=n, key="features.label" if one else f"features.label[{i}]", role="label") for i, n in enumerate(schema.labels)]
+    one = schema.single_label
+    cols = [_Column(name=t.name, key="features.label" if one else f"features.label[{i}]", role="label", classes=t.type == "multiclass")
+            for i, t in enumerate(schema.tasks)]
     cols = cols if labels else []
     cols += [_Column(name=f.name, key=f"features.dense[{i}]", role="dense") for i, f in enumerate(schema.dense)]
     for i, f in enumerate(schema.sparse):
@@ -59,7 +62,7 @@ def _columns(schema: FeatureSchema, *, labels: bool = True) -> list[_Column]:
         source_key = f"{key}.source" if f.source else key
         if f.cross:
             cols += [_Column(name=c, key=f"{key}.cross[{j}]", role="cross") for j, c in enumerate(f.cross)]
-        elif f.boundaries is not None:
+        elif f.bucketized:
             cols.append(_Column(name=f.column, key=source_key, role="numeric"))
         else:
             cols.append(_Column(name=f.column, key=source_key, role="ids", hashed=f.hash, sequence=f.sequence))
@@ -153,6 +156,8 @@ def _type_problem(t: pa.DataType, col: _Column, ids: pa.DataType | None) -> str 
     """What makes type ``t`` unusable for ``col``, in words; None: usable."""
     if col.role in ("label", "dense"):
         ok = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+        if col.classes:
+            return None if ok or _id_kind(t) == "str" and not _is_list(t) else f"has type {t}; a multiclass label holds class ids or strings"
         return None if ok else f"has type {t}; a {col.role} column must be numeric or bool"
     if col.role == "numeric":
         return None if _is_number(t) else f"has type {t}; boundaries need a numeric column"
@@ -242,10 +247,10 @@ def _csv_source(files: list[DataFile], schema: FeatureSchema, *, labels: bool) -
 def _csv_types(cols: list[_Column]) -> tuple[dict[str, pa.DataType], list[str]]:
     """Types to read CSV columns with, and the hashed id columns whose type the data decides.
 
-    Ids that need no hashing are int64; hashed and crossed ids int64 if every value in the data set
-    is an integer, else strings; every other column float64.
+    Ids that need no hashing are int64; hashed and crossed ids and multiclass labels int64 if every
+    value in the data set is an integer, else strings; every other column float64.
     """
-    id_cols = [c for c in cols if c.role in ("ids", "cross")]
+    id_cols = [c for c in cols if c.role in ("ids", "cross") or c.classes]
     types: dict[str, pa.DataType] = {c.name: pa.int64() for c in id_cols if c.role == "ids" and not c.hashed}
     probe = list(dict.fromkeys(c.name for c in id_cols if c.name not in types))
     for c in cols:

@@ -3,18 +3,27 @@
 Example YAML (the ``features`` section of a job)::
 
     features:
-      label: label
+      label: label                         # a 0/1 column; or typed tasks:
+      # label: [{name: rating, type: regression, loss: huber}, {name: genre, type: multiclass, num_classes: 18}]
       dense:
         - {name: I1, fill_missing: 0.0, transform: log1p}
+        - {name: price, fill_missing: mean, clip: [0, 10000], normalize: log_zscore}
       sparse:
         - {name: C1, table: t_C1, hash: true}
         - {name: C2, table: t_C1}          # two features may share one table
+        - {name: price_bucket, source: price, num_buckets: 32, table: t_price}  # quantile buckets
       tables:
         - {name: t_C1, num_embeddings: 100000, embedding_dim: 16}
+        - {name: t_price, num_embeddings: 32, embedding_dim: 16}
+
+Normalization, ``fill_missing: mean`` and ``num_buckets`` need statistics of the training data
+(:mod:`shardrec.data.feature_stats`): a run computes them in one pass before its first step and
+keeps them in its folder; readers get a schema that carries them (``apply_stats``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,16 +50,127 @@ class TableConfig:
             raise ConfigError(f"table '{self.name}': embedding_dim must be > 0, got {self.embedding_dim}")
 
 
+TaskType = Literal["binary", "regression", "multiclass"]
+Loss = Literal["bce", "mse", "huber", "softmax_ce"]
+_LOSSES: dict[str, tuple[str, ...]] = {"binary": ("bce",), "regression": ("mse", "huber"), "multiclass": ("softmax_ce",)}
+
+
 @dataclass(kw_only=True)
-class DenseFeature:
-    """A float column fed to the model as one entry of the dense tensor."""
+class LabelConfig:
+    """A label column and the task it defines: what the model predicts for it and how that is scored.
+
+    binary: one logit, a probability at serving, AUC and log loss; regression: one value, RMSE, MAE
+    and R²; multiclass: ``num_classes`` logits, class probabilities, accuracy, log loss and top-k
+    accuracy. A multiclass column holds class ids ``0 .. num_classes - 1``, or strings, which are
+    mapped to ids through the training data's sorted classes (kept with the run's feature statistics).
+    """
 
     name: str
     """Column name in the data."""
-    fill_missing: float | None = None
-    """Value for null or NaN entries; None rejects them with an error."""
+    type: TaskType = "binary"
+    """binary (0/1 values), regression (any finite number) or multiclass."""
+    num_classes: int | None = None
+    """Number of classes (multiclass only; required)."""
+    loss: Loss | None = None
+    """bce (binary); mse or huber (regression); softmax_ce (multiclass); unset: the first of these."""
+    huber_delta: float = 1.0
+    """Where huber turns from quadratic to linear."""
+    weight: float = 1.0
+    """This task's weight in the summed loss (multiplied by model.task_weights where a model has them)."""
+    classes: list[str] | None = field(default=None, init=False, repr=False, compare=False)
+    """String classes in id order, from the training data (set by ``apply_stats``); not a YAML key."""
+
+    def __post_init__(self) -> None:
+        where = f"features.label '{self.name}'"
+        if self.type not in _LOSSES:
+            raise ConfigError(f"{where}: type must be binary, regression or multiclass, got '{self.type}'")
+        if self.type == "multiclass":
+            if self.num_classes is None or self.num_classes < 2:
+                raise ConfigError(f"{where}: a multiclass label needs num_classes >= 2, got {self.num_classes}")
+        elif self.num_classes is not None:
+            raise ConfigError(f"{where}: num_classes is for type: multiclass; remove it or set the type")
+        if self.loss is not None and self.loss not in _LOSSES[self.type]:
+            raise ConfigError(f"{where}: loss '{self.loss}' does not fit a {self.type} label; use {' or '.join(_LOSSES[self.type])}")
+        if not self.huber_delta > 0:
+            raise ConfigError(f"{where}: huber_delta must be > 0, got {self.huber_delta}")
+        if not (self.weight >= 0 and math.isfinite(self.weight)):
+            raise ConfigError(f"{where}: weight must be a finite number >= 0, got {self.weight}")
+
+    @property
+    def loss_name(self) -> str:
+        """The loss this task trains with."""
+        return self.loss or _LOSSES[self.type][0]
+
+    @property
+    def width(self) -> int:
+        """Outputs the model predicts for this task: ``num_classes`` for multiclass, else 1."""
+        return self.num_classes if self.type == "multiclass" else 1  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DenseStats:
+    """What the training data say about one dense feature, over its non-missing rows after
+    ``clip`` (``mean``/``std``/``min``/``max`` also after the log of ``log1p`` and ``log_zscore``)."""
+
+    count: int
+    """Non-missing rows."""
+    missing: int
+    """Null or NaN rows."""
+    raw_mean: float
+    """Mean of the clipped values before any log: the value ``fill_missing: mean`` fills in."""
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+Normalize = Literal["none", "zscore", "minmax", "log_zscore"]
+
+
+@dataclass(kw_only=True)
+class DenseFeature:
+    """A float column fed to the model as one entry of the dense tensor.
+
+    Each value goes through, in order: ``clip``, filling of nulls/NaN (``fill_missing``), the log of
+    ``transform: log1p`` or ``normalize: log_zscore``, then ``normalize`` with statistics of the
+    training data.
+    """
+
+    name: str
+    """Column name in the data."""
+    fill_missing: float | Literal["mean"] | None = None
+    """Value for null or NaN entries, or ``mean`` (the training data's mean after clip); None rejects them with an error."""
     transform: Literal["none", "log1p"] = "none"
     """Applied after filling: log1p computes log(1 + max(x, 0)), the usual Criteo transform."""
+    normalize: Normalize = "none"
+    """zscore: (x - mean) / std; minmax: (x - min) / (max - min) into [0, 1] on the training range;
+    log_zscore: zscore of log(1 + max(x, 0)); statistics from the training data only."""
+    clip: list[float] | None = None
+    """``[lo, hi]``: values are clipped into this range first (before filling and statistics)."""
+    stats: DenseStats | None = field(default=None, init=False, repr=False, compare=False)
+    """The training data's statistics, set by ``apply_stats`` on the schema a reader gets; not a YAML key."""
+
+    def __post_init__(self) -> None:
+        where = f"features.dense '{self.name}'"
+        if self.normalize not in ("none", "zscore", "minmax", "log_zscore"):
+            raise ConfigError(f"{where}: normalize must be one of none, zscore, minmax, log_zscore; got '{self.normalize}'")
+        if self.normalize == "log_zscore" and self.transform == "log1p":
+            raise ConfigError(f"{where}: normalize: log_zscore already takes log1p; drop 'transform: log1p' or use normalize: zscore")
+        if self.clip is not None:
+            if len(self.clip) != 2 or not all(math.isfinite(v) for v in self.clip) or self.clip[0] >= self.clip[1]:
+                raise ConfigError(f"{where}: clip must be [lo, hi] with finite lo < hi, got {self.clip}")
+        if isinstance(self.fill_missing, float) and not math.isfinite(self.fill_missing):
+            raise ConfigError(f"{where}: fill_missing must be a finite number or 'mean', got {self.fill_missing}")
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether reading this feature needs statistics of the training data."""
+        return self.normalize != "none" or self.fill_missing == "mean"
+
+    @property
+    def takes_log(self) -> bool:
+        """Whether a log1p is applied (``transform: log1p`` or ``normalize: log_zscore``)."""
+        return self.transform == "log1p" or self.normalize == "log_zscore"
 
 
 @dataclass(kw_only=True)
@@ -110,12 +230,17 @@ class SparseFeature:
     """Keep at most this many ids per row: the last ``max_len`` (for a history, the most recent)."""
     boundaries: list[float] | None = None
     """Bucketize the numeric ``source`` column: id = number of boundaries <= value (nulls: no id)."""
+    num_buckets: int | None = None
+    """Bucketize the numeric ``source`` column into this many buckets at quantiles of the training
+    data (fewer where values repeat); the table needs at least this many rows."""
     cross: list[str] | None = None
     """Id columns crossed per row and hashed into the table (a row with a null part gets no id)."""
     raw: bool = False
     """Integers passed through unchanged (no table, no range check); models that read them say so."""
     negatives: NegativeSampling | None = None
     """Draw this feature's ids per training batch (sampled-softmax negatives); it reads no column."""
+    quantiles: list[float] | None = field(default=None, init=False, repr=False, compare=False)
+    """The boundaries ``num_buckets`` found in the training data, set by ``apply_stats``; not a YAML key."""
 
     def __post_init__(self) -> None:
         where = f"features.sparse '{self.name}'"
@@ -132,6 +257,11 @@ class SparseFeature:
                               "weights, sequence and max_len")
         if self.max_len is not None and self.max_len <= 0:
             raise ConfigError(f"{where}: max_len must be > 0, got {self.max_len}")
+        if self.num_buckets is not None:
+            if self.boundaries is not None or self.cross or self.weights or self.hash or self.raw:
+                raise ConfigError(f"{where}: num_buckets cannot be combined with boundaries, cross, weights, hash or raw")
+            if self.num_buckets < 2:
+                raise ConfigError(f"{where}: num_buckets must be >= 2, got {self.num_buckets}")
         if self.boundaries is not None:
             if self.cross or self.weights or self.hash:
                 raise ConfigError(f"{where}: boundaries cannot be combined with cross, weights or hash")
@@ -142,6 +272,21 @@ class SparseFeature:
                 raise ConfigError(f"{where}: cross needs two or more columns and no source or weights")
         if self.sequence and self.weights:
             raise ConfigError(f"{where}: a sequence feature cannot be weighted")
+
+    @property
+    def bucketized(self) -> bool:
+        """Whether the ids are buckets of a numeric column (``boundaries`` or ``num_buckets``)."""
+        return self.boundaries is not None or self.num_buckets is not None
+
+    @property
+    def bucket_boundaries(self) -> list[float]:
+        """The boundaries of a bucketized feature: ``boundaries``, or those ``num_buckets`` found."""
+        if self.boundaries is not None:
+            return self.boundaries
+        if self.quantiles is None:
+            raise ConfigError(f"features.sparse '{self.name}': num_buckets needs the training data's quantiles; read it "
+                              "with a schema from shardrec.data.feature_stats.apply_stats (shardrec train does)")
+        return self.quantiles
 
     @property
     def column(self) -> str:
@@ -161,8 +306,9 @@ class SparseFeature:
 class FeatureSchema:
     """The features a model reads and the tables behind them."""
 
-    label: str | list[str] = "label"
-    """Column holding the 0/1 label, or a list of them for multi-task models (labels ``[B, T]``)."""
+    label: str | LabelConfig | list[str | LabelConfig] = "label"
+    """The label column (a name: a 0/1 label; or a LabelConfig with its task type), or a list of
+    them for multi-task models (labels ``[B, T]``)."""
     dense: list[DenseFeature] = field(default_factory=list)
     """Dense float features, in the order of the dense tensor's columns."""
     sparse: list[SparseFeature] = field(default_factory=list)
@@ -190,6 +336,11 @@ class FeatureSchema:
                     f"features.sparse '{f.name}': {len(f.boundaries)} boundaries make {len(f.boundaries) + 1} buckets, "
                     f"more than table '{f.table}' has rows; raise its num_embeddings"
                 )
+            if f.num_buckets is not None and self.table(f.table).num_embeddings < f.num_buckets:
+                raise ConfigError(
+                    f"features.sparse '{f.name}': num_buckets {f.num_buckets} is more than table '{f.table}' has rows "
+                    f"({self.table(f.table).num_embeddings}); raise its num_embeddings or lower num_buckets"
+                )
         self._check_negatives()
         if isinstance(self.label, list) and not self.label:
             raise ConfigError("features.label: a list of labels must name at least one column")
@@ -203,6 +354,13 @@ class FeatureSchema:
                 raise ConfigError(f"features.sparse '{f.name}': negatives.of names '{f.negatives.of}', which must be a "
                                   f"sparse feature over the same table '{f.table}' (the positive item)")
 
+    @property
+    def needs_stats(self) -> bool:
+        """Whether reading the data needs statistics of the training data (normalization,
+        ``fill_missing: mean``, ``num_buckets``, the classes of a multiclass label)."""
+        return (any(f.needs_stats for f in self.dense) or any(f.num_buckets is not None for f in self.sparse)
+                or any(t.type == "multiclass" for t in self.tasks))
+
     def without_raw(self) -> FeatureSchema:
         """This schema without its raw features (for models that read none)."""
         if not any(f.raw for f in self.sparse):
@@ -210,9 +368,25 @@ class FeatureSchema:
         return FeatureSchema(label=self.label, dense=self.dense, sparse=[f for f in self.sparse if not f.raw], tables=self.tables)
 
     @property
+    def tasks(self) -> list[LabelConfig]:
+        """Every label with its task, in label order (a bare name is a binary task)."""
+        items = self.label if isinstance(self.label, list) else [self.label]
+        return [LabelConfig(name=x) if isinstance(x, str) else x for x in items]
+
+    @property
     def labels(self) -> list[str]:
         """Label columns, one per task."""
-        return list(self.label) if isinstance(self.label, list) else [self.label]
+        return [t.name for t in self.tasks]
+
+    @property
+    def single_label(self) -> bool:
+        """One label, read as labels ``[B]`` (a list, even of one, gives ``[B, T]``)."""
+        return not isinstance(self.label, list)
+
+    @property
+    def output_width(self) -> int:
+        """Outputs a model predicts per row: the sum of the tasks' widths."""
+        return sum(t.width for t in self.tasks)
 
     @property
     def weighted_names(self) -> list[str]:

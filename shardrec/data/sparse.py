@@ -54,8 +54,8 @@ def decode_sparse(table: pa.Table, f: SparseFeature, index: int, schema: Feature
     rows = None if f.raw else schema.table(f.table).num_embeddings  # type: ignore[arg-type]
     if f.cross:
         col = _crossed(table, f.cross, rows, where)
-    elif f.boundaries is not None:
-        col = _bucketized(_column(table, f.column), f.boundaries, where)
+    elif f.bucketized:
+        col = _bucketized(_column(table, f.column), f.bucket_boundaries, where)
     else:
         col = _ids_column(table, f, rows, where)
     if f.max_len is not None:

@@ -352,6 +352,9 @@ def ensure_synthetic(cfg: DataConfig, schema: FeatureSchema) -> tuple[Path, Path
     """
     if cfg.synthetic is None:
         raise ConfigError("data.synthetic is not set; add a data.synthetic section or set data.train_path")
+    if not isinstance(schema.label, str):
+        raise ConfigError(f"data.synthetic makes one 0/1 label column, but features.label is {schema.labels} with task types "
+                          f"{[t.type for t in schema.tasks]}; set features.label to one column name, or set data.train_path")
     syn = cfg.synthetic
     spec = _cache_spec(schema, syn)
     root = Path(cfg.cache_dir).expanduser() / "synthetic"

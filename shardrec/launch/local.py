@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,11 +85,34 @@ def _stop(proc: subprocess.Popen) -> None:
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
         pass
     if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(proc.pid)
         proc.wait()
+    # Ranks the agent left behind (it was killed, or exited before them) go with their group.
+    deadline = time.monotonic() + SHUTDOWN_S
+    while _group_alive(proc.pid):
+        if time.monotonic() > deadline:
+            _kill_group(proc.pid)
+            deadline = time.monotonic() + SHUTDOWN_S
+        time.sleep(0.1)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies aside)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 @dataclass(frozen=True)

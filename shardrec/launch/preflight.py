@@ -3,8 +3,8 @@
 ``shardrec train`` and ``shardrec submit`` call :func:`check_job` after the job has loaded and its
 data have been checked against the schema: it builds the model on the meta device (the model
 against the schema, the sparse optimizer against the compute device), checks a plan file against
-the world size and tables, the tables' memory lower bound against the ranks' memory, and a resume
-checkpoint against the model. Each failure is a ShardrecError the CLI prints as one line (exit 2),
+the world size and tables, the tables' memory lower bound against the ranks' memory, a resume
+checkpoint against the model, and a given feature statistics file against the schema. Each failure is a ShardrecError the CLI prints as one line (exit 2),
 raised before the run folder is created.
 """
 
@@ -18,6 +18,7 @@ import torch
 
 from shardrec.checkpoint.dcp_reader import SavedCheckpoint
 from shardrec.checkpoint.store import first_problems, read_meta, resolve_resume
+from shardrec.data.feature_stats import apply_stats, read_stats
 from shardrec.errors import CheckpointError
 from shardrec.job import JobConfig
 from shardrec.sharding.memory_bound import check_memory_bound, memory_bound
@@ -52,6 +53,9 @@ def check_job(job: JobConfig, launch: Launch, *, resume: Path | None = None) -> 
     warm = job.checkpoint.warm_start
     if warm is not None:
         read_meta(resolve_resume(Path(warm.path)))  # exists, committed, of a format this version reads
+    given = job.data.feature_stats
+    if given is not None and job.features.needs_stats:
+        apply_stats(job.features, read_stats(Path(given)), where=f"data.feature_stats '{given}'")
     return meta
 
 

@@ -17,6 +17,7 @@ from shardrec.errors import ConfigError
 from shardrec.models.layers import MLP
 from shardrec.models.multitask import MultiTaskConfig, MultiTaskModel, require_labels, weighted_bce
 from shardrec.models.registry import register
+from shardrec.models.tasks import require_binary
 
 
 @dataclass(kw_only=True)
@@ -91,6 +92,7 @@ class AITM(MultiTaskModel):
 
     def __init__(self, *, schema: FeatureSchema, config: AITMConfig, device: torch.device) -> None:
         require_labels(schema, model="aitm", at_least=2)
+        require_binary(schema, model="aitm", why="predicts each step of a conversion funnel as a probability that later steps are calibrated below")
         super().__init__(schema=schema, weights=config.task_weights, model="aitm", device=device)
         self.calibrator_weight = config.calibrator_weight
         dim = config.tower_layer_sizes[-1]

@@ -120,9 +120,9 @@ class AutoInt(nn.Module):
             )
             for w in widths
         )
-        self.logit = nn.Linear(num_fields * out, 1, device=device)
+        self.logit = nn.Linear(num_fields * out, schema.output_width, device=device)
         deep = config.deep_layer_sizes
-        self.deep = MLP(num_fields * dim, [*deep, 1], final_activation=False, device=device) if deep else None
+        self.deep = MLP(num_fields * dim, [*deep, schema.output_width], final_activation=False, device=device) if deep else None
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

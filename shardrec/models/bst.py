@@ -102,7 +102,7 @@ class BST(nn.Module):
             for _ in range(config.num_layers)
         )
         mlp_in = (layout.max_len + 1) * layout.dim + layout.context_dim + layout.num_dense
-        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, 1], activation="leaky_relu", final_activation=False,
+        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, schema.output_width], activation="leaky_relu", final_activation=False,
                        device=device)
 
     def encode(self, history: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ class DCN(nn.Module):
         d = embedding_output_dim(schema) + len(schema.dense)
         self.cross = nn.ModuleList(CrossLayer(d, device=device) for _ in range(config.num_cross_layers))
         self.deep = MLP(d, config.deep_layer_sizes, device=device)
-        self.logit = nn.Linear(d + config.deep_layer_sizes[-1], 1, device=device)
+        self.logit = nn.Linear(d + config.deep_layer_sizes[-1], schema.output_width, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

@@ -184,7 +184,7 @@ class DCNv2(nn.Module):
         self.cross = nn.ModuleList(build_cross_layer(d, config, device=device) for _ in range(config.num_cross_layers))
         self.deep = MLP(d, config.deep_layer_sizes, device=device)
         logit_in = config.deep_layer_sizes[-1] + (d if self.parallel else 0)
-        self.logit = nn.Linear(logit_in, 1, device=device)
+        self.logit = nn.Linear(logit_in, schema.output_width, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

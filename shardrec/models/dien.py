@@ -14,6 +14,7 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import MLP, check_layer_sizes
 from shardrec.models.registry import register
+from shardrec.models.tasks import task_loss
 from shardrec.models.sequence import SequenceActivation, SequenceInputs, check_activation, sequence_layout
 
 
@@ -133,7 +134,8 @@ class DIEN(nn.Module):
         self.attention = nn.Linear(dim, dim, bias=False, device=device)
         self.evolution = AUGRUCell(dim, dim, device=device)
         mlp_in = layout.context_dim + 2 * dim + layout.num_dense
-        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, 1], activation=config.activation, final_activation=False,
+        self.tasks = schema.tasks
+        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, schema.output_width], activation=config.activation, final_activation=False,
                        device=device)
 
     def forward(
@@ -171,9 +173,9 @@ class DIEN(nn.Module):
         return (pos_loss.sum() + neg_loss.sum()) / valid.sum().clamp(min=1)
 
     def loss(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """Click cross-entropy plus ``aux_weight`` times the auxiliary loss."""
+        """The task's loss (click cross-entropy for a 0/1 label) plus ``aux_weight`` times the auxiliary loss."""
         logits, aux = outputs
-        return nn.functional.binary_cross_entropy_with_logits(logits, labels) + self.aux_weight * aux
+        return task_loss(logits, labels, self.tasks, single=True) + self.aux_weight * aux
 
 
 @register("dien", DIENConfig)

@@ -90,7 +90,7 @@ class DIN(nn.Module):
             layout.dim, config.attention_layer_sizes, activation=config.activation, device=device
         )
         mlp_in = layout.context_dim + 2 * layout.dim + layout.num_dense
-        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, 1], activation=config.activation, final_activation=False,
+        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, schema.output_width], activation=config.activation, final_activation=False,
                        device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ class DLRMConfig:
     dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 16])
     """Bottom MLP widths over the dense features; the last must equal the tables' embedding_dim."""
     over_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 32, 1])
-    """Top MLP widths over [bottom output, interactions]; the last must be 1 (the logit)."""
+    """Top MLP widths over [bottom output, interactions]; the last must be 1 (the logit; a multiclass
+    label's num_classes take its place)."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.dense_arch_layer_sizes, key="model.dense_arch_layer_sizes")
@@ -94,7 +95,7 @@ class DLRM(nn.Module):
         self.ebc = build_ebc(schema, device=device)
         self.dense_arch = MLP(len(schema.dense), config.dense_arch_layer_sizes, device=device)
         over_in = dim + (num_f + 1) * num_f // 2
-        self.over_arch = MLP(over_in, config.over_arch_layer_sizes, final_activation=False, device=device)
+        self.over_arch = MLP(over_in, [*config.over_arch_layer_sizes[:-1], schema.output_width], final_activation=False, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

@@ -13,6 +13,7 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.models.layers import MLP
 from shardrec.models.multitask import MultiTaskConfig, MultiTaskModel, require_labels, weighted_bce
 from shardrec.models.registry import register
+from shardrec.models.tasks import require_binary
 
 
 @dataclass(kw_only=True)
@@ -55,6 +56,7 @@ class ESMM(MultiTaskModel):
 
     def __init__(self, *, schema: FeatureSchema, config: ESMMConfig, device: torch.device) -> None:
         require_labels(schema, model="esmm", exactly=2)
+        require_binary(schema, model="esmm", why="predicts CTR x CVR, a product of two probabilities")
         super().__init__(schema=schema, weights=config.task_weights, model="esmm", device=device)
         self.ctr = MLP(self.input_dim, [*config.tower_layer_sizes, 1], final_activation=False, device=device)
         self.cvr = MLP(self.input_dim, [*config.tower_layer_sizes, 1], final_activation=False, device=device)

@@ -135,7 +135,7 @@ class MaskNet(nn.Module):
         self.emb_norm = nn.LayerNorm(dim, device=device)
         emb_width = (len(self.feature_names) + len(schema.dense)) * dim
         self.blocks = build_blocks(config, emb_width=emb_width, device=device)
-        self.head = build_head(config, device=device)
+        self.head = build_head(config, outputs=schema.output_width, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
@@ -168,12 +168,12 @@ def build_blocks(config: MaskNetConfig, *, emb_width: int, device: torch.device)
     return nn.ModuleList(blocks)
 
 
-def build_head(config: MaskNetConfig, *, device: torch.device) -> nn.Module:
+def build_head(config: MaskNetConfig, *, outputs: int, device: torch.device) -> nn.Module:
     """Serial: a Linear from the last block to the logit; parallel: an MLP over all blocks, then it."""
     if config.structure == "serial":
-        return nn.Linear(config.block_dim, 1, device=device)
+        return nn.Linear(config.block_dim, outputs, device=device)
     width = config.num_blocks * config.block_dim
-    return MLP(width, [*config.mlp_layer_sizes, 1], final_activation=False, device=device)
+    return MLP(width, [*config.mlp_layer_sizes, outputs], final_activation=False, device=device)
 
 
 @register("masknet", MaskNetConfig)

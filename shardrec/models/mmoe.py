@@ -62,7 +62,8 @@ class MMoE(MultiTaskModel):
             Gate(self.input_dim, num_experts=config.num_experts, device=device) for _ in range(self.num_tasks)
         )
         self.towers = Towers(
-            config.expert_layer_sizes[-1], num_tasks=self.num_tasks, layer_sizes=config.tower_layer_sizes, device=device
+            config.expert_layer_sizes[-1], num_tasks=self.num_tasks, layer_sizes=config.tower_layer_sizes, widths=self.task_widths,
+            device=device
         )
 
     def forward(

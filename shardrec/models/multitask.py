@@ -1,10 +1,11 @@
 """Pieces the multi-task models share: the input layer over one EBC, softmax-gated experts, task
 towers, per-task loss weights and the weighted cross-entropy.
 
-A multi-task model predicts one logit per label column (``schema.labels``), in label order. In
+A multi-task model predicts each label column's outputs (``schema.tasks``), in label order: one
+logit or value per binary or regression task, ``num_classes`` logits per multiclass task. In
 training mode it returns a tuple ``(logits, ...)`` so that :func:`shardrec.models.registry.training_loss`
-hands it to the model's own ``loss``, which weighs each task's binary cross-entropy by
-``task_weights``; in eval mode it returns the logits ``[B, T]`` alone.
+hands it to the model's own ``loss``, which weighs each task's own loss (:mod:`shardrec.models.tasks`)
+by ``task_weights``; in eval mode it returns the logits ``[B, W]`` alone (W = ``schema.output_width``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
+from shardrec.models.tasks import task_loss
 from shardrec.models.layers import (
     MLP,
     build_ebc,
@@ -33,7 +35,7 @@ class MultiTaskConfig:
     """Keys every multi-task model's ``model`` section has; each model's config adds its own."""
 
     tower_layer_sizes: list[int] = field(default_factory=lambda: [32])
-    """Hidden widths of each task's tower; a width-1 logit layer follows."""
+    """Hidden widths of each task's tower; its output layer follows (width 1, or num_classes)."""
     task_weights: list[float] | None = None
     """Loss weight of each task, one per label in features.label order; unset: 1.0 each."""
 
@@ -99,6 +101,8 @@ class MultiTaskModel(nn.Module):
         check_features(schema, model=model)
         self.feature_names = schema.sparse_names
         self.num_tasks = len(schema.labels)
+        self.tasks = schema.tasks
+        self.task_widths = [t.width for t in self.tasks]
         self.task_weights = task_weights(weights, schema=schema)
         self.ebc = build_ebc(schema, device=device)
         self.input_dim = embedding_output_dim(schema) + len(schema.dense)
@@ -112,8 +116,8 @@ class MultiTaskModel(nn.Module):
         return (logits,) if self.training else logits
 
     def loss(self, outputs: tuple[Any, ...], labels: torch.Tensor) -> torch.Tensor:
-        """Per-task binary cross-entropy of ``outputs[0]`` ``[B, T]``, weighted by ``task_weights``."""
-        return weighted_bce(outputs[0], labels, self.task_weights)
+        """Each task's own loss over its columns of ``outputs[0]`` ``[B, W]``, weighted by ``task_weights``."""
+        return task_loss(outputs[0], labels, self.tasks, self.task_weights, single=False)
 
 
 class Experts(nn.Module):
@@ -158,21 +162,26 @@ class Gate(nn.Module):
 
 
 class Towers(nn.Module):
-    """One MLP per task ending in that task's logit.
+    """One MLP per task ending in that task's outputs.
 
     Args:
         in_features: width of each tower's input.
         num_tasks: number of towers T.
-        layer_sizes: hidden widths of each tower; a width-1 logit layer follows.
+        layer_sizes: hidden widths of each tower; an output layer follows.
+        widths: each tower's output width (1 per binary or regression task, num_classes per
+            multiclass task); None: 1 each.
         device: where the weights are created.
     """
 
-    def __init__(self, in_features: int, *, num_tasks: int, layer_sizes: list[int], device: torch.device) -> None:
+    def __init__(
+        self, in_features: int, *, num_tasks: int, layer_sizes: list[int], widths: list[int] | None = None, device: torch.device
+    ) -> None:
         super().__init__()
+        widths = widths or [1] * num_tasks
         self.towers = nn.ModuleList(
-            MLP(in_features, [*layer_sizes, 1], final_activation=False, device=device) for _ in range(num_tasks)
+            MLP(in_features, [*layer_sizes, widths[t]], final_activation=False, device=device) for t in range(num_tasks)
         )
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """Logits ``[B, T]``: tower t over ``inputs[t]``."""
+        """Logits ``[B, W]``: tower t over ``inputs[t]``, side by side."""
         return torch.cat([tower(x) for tower, x in zip(self.towers, inputs)], dim=1)

@@ -72,7 +72,7 @@ class MultiTower(nn.Module):
             {g: MLP(_group_width(schema, ns), config.tower_layer_sizes, device=device) for g, ns in self.groups.items()}
         )
         fused = len(self.groups) * config.tower_layer_sizes[-1]
-        self.final = MLP(fused, [*config.final_layer_sizes, 1], final_activation=False, device=device)
+        self.final = MLP(fused, [*config.final_layer_sizes, schema.output_width], final_activation=False, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

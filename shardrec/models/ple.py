@@ -125,7 +125,8 @@ class PLE(MultiTaskModel):
             )
             for level in range(config.num_levels)
         )
-        self.towers = Towers(width, num_tasks=self.num_tasks, layer_sizes=config.tower_layer_sizes, device=device)
+        self.towers = Towers(width, num_tasks=self.num_tasks, layer_sizes=config.tower_layer_sizes, widths=self.task_widths,
+                            device=device)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor

@@ -3,12 +3,14 @@
 A model module registers itself with :func:`register`; :func:`build_model` looks the name up,
 builds the model's own config from the ``model`` section of the job (every key but ``name``)
 and calls the builder. Every model's ``forward(dense_features, sparse_features)`` returns
-logits of shape ``[B]`` (or ``[B, num_tasks]`` for multi-task models); retrieval models
+``schema.output_width`` outputs per row (:mod:`shardrec.models.tasks`): logits of shape ``[B]``
+for one binary or regression label, ``[B, num_classes]`` for a multiclass one, ``[B, W]`` for
+multi-task models (each task's columns in label order); retrieval models
 (``retrieval=True``, :mod:`shardrec.models.retrieval`) return user vectors in eval mode instead.
 A model sees no raw features (``raw: true``, e.g. timestamps) unless it registers with
 ``raw_features=True``.
 
-A model whose training objective is more than binary cross-entropy on its logits (a second net
+A model whose training objective is more than each task's loss on its outputs (a second net
 trained alongside, an auxiliary loss) returns, in training mode only, a tuple whose first element
 is the logits it serves and whose other elements are whatever its loss needs, and defines
 ``loss(outputs, labels) -> Tensor`` over that tuple. :func:`training_loss` (which the trainer
@@ -27,8 +29,9 @@ import torch
 from torch import nn
 
 from shardrec.config import build
-from shardrec.data.schema import FeatureSchema
+from shardrec.data.schema import FeatureSchema, LabelConfig
 from shardrec.errors import ConfigError
+from shardrec.models.tasks import task_loss
 
 Builder = Callable[..., nn.Module]
 F = TypeVar("F", bound=Builder)
@@ -93,16 +96,20 @@ def build_model(name: str, params: dict[str, Any], *, schema: FeatureSchema, dev
 
 
 def training_loss(
-    model: nn.Module, outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor
+    model: nn.Module, outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor,
+    tasks: list[LabelConfig] | None = None, *, single: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(loss, logits)`` for a training step from what ``model``'s forward returned.
 
     A tuple ``(logits, *extras)`` is scored by the model's own ``loss(outputs, labels)``; plain
-    logits by binary cross-entropy against ``labels``.
+    logits by each task's own loss (:func:`shardrec.models.tasks.task_loss`; ``tasks`` None: one
+    binary task, binary cross-entropy; ``single``: labels ``[B]``, else ``[B, T]``).
     """
     if isinstance(outputs, tuple):
         return model.loss(outputs, labels), outputs[0]
-    return nn.functional.binary_cross_entropy_with_logits(outputs, labels), outputs
+    if tasks is None:
+        return nn.functional.binary_cross_entropy_with_logits(outputs, labels), outputs
+    return task_loss(outputs, labels, tasks, single=single), outputs
 
 
 def _import_zoo() -> None:

@@ -20,6 +20,7 @@ from shardrec.models.layers import (
     pooled_by_feature,
 )
 from shardrec.models.registry import register
+from shardrec.models.tasks import task_loss
 
 
 @dataclass(kw_only=True)
@@ -80,8 +81,9 @@ class RocketLaunching(nn.Module):
         if config.shared_layer_sizes:
             self.shared = MLP(width, config.shared_layer_sizes, device=device)
             width = config.shared_layer_sizes[-1]
-        self.light = MLP(width, [*config.light_layer_sizes, 1], final_activation=False, device=device)
-        self.booster = MLP(width, [*config.booster_layer_sizes, 1], final_activation=False, device=device)
+        self.tasks = schema.tasks
+        self.light = MLP(width, [*config.light_layer_sizes, schema.output_width], final_activation=False, device=device)
+        self.booster = MLP(width, [*config.booster_layer_sizes, schema.output_width], final_activation=False, device=device)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor
@@ -95,11 +97,12 @@ class RocketLaunching(nn.Module):
         return light, self.booster(shared).squeeze(-1)
 
     def loss(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """CE(light) + CE(booster) + hint_weight * MSE(light, booster detached)."""
+        """loss(light) + loss(booster) + hint_weight * MSE(light, booster detached), each net's loss
+        the task's own (cross-entropy for a 0/1 label)."""
         light, booster = outputs
-        bce = nn.functional.binary_cross_entropy_with_logits
         hint = nn.functional.mse_loss(light, booster.detach())
-        return bce(light, labels) + bce(booster, labels) + self.hint_weight * hint
+        ce = task_loss(light, labels, self.tasks, single=True) + task_loss(booster, labels, self.tasks, single=True)
+        return ce + self.hint_weight * hint
 
 
 @register("rocket_launching", RocketLaunchingConfig)

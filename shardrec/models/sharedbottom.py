@@ -47,7 +47,8 @@ class SharedBottom(MultiTaskModel):
         super().__init__(schema=schema, weights=config.task_weights, model="sharedbottom", device=device)
         self.bottom = MLP(self.input_dim, config.bottom_layer_sizes, device=device)
         self.towers = Towers(
-            config.bottom_layer_sizes[-1], num_tasks=self.num_tasks, layer_sizes=config.tower_layer_sizes, device=device
+            config.bottom_layer_sizes[-1], num_tasks=self.num_tasks, layer_sizes=config.tower_layer_sizes, widths=self.task_widths,
+            device=device
         )
 
     def forward(

@@ -57,7 +57,7 @@ class WideDeep(nn.Module):
         self.ebc = build_ebc(schema, device=device)
         self.wide = FirstOrder(schema=schema, device=device)
         deep_in = embedding_output_dim(schema) + len(schema.dense)
-        self.deep = MLP(deep_in, [*config.deep_layer_sizes, 1], final_activation=False, device=device)
+        self.deep = MLP(deep_in, [*config.deep_layer_sizes, schema.output_width], final_activation=False, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

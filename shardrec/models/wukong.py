@@ -163,7 +163,7 @@ class WuKong(nn.Module):
         self.dense_arch = MLP(len(schema.dense), [*config.dense_layer_sizes, dim], final_activation=False, device=device)
         self.layers = build_layers(config, num_in=len(self.feature_names) + 1, dim=dim, device=device)
         final_in = self.layers[-1].num_out * dim
-        self.final = MLP(final_in, [*config.final_layer_sizes, 1], final_activation=False, device=device)
+        self.final = MLP(final_in, [*config.final_layer_sizes, schema.output_width], final_activation=False, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

@@ -122,9 +122,9 @@ class XDeepFM(nn.Module):
         num_fields = len(self.feature_names)
         self.ebc = build_ebc(schema, device=device)
         self.cin = CIN(num_fields, config.cin_layer_sizes, split_half=config.split_half, device=device)
-        self.cin_logit = nn.Linear(self.cin.output_dim, 1, device=device)
+        self.cin_logit = nn.Linear(self.cin.output_dim, schema.output_width, device=device)
         deep_in = num_fields * dim + len(schema.dense)
-        self.deep = MLP(deep_in, [*config.deep_layer_sizes, 1], final_activation=False, device=device)
+        self.deep = MLP(deep_in, [*config.deep_layer_sizes, schema.output_width], final_activation=False, device=device)
         self.linear = FirstOrder(schema=schema, device=device) if config.linear else None
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:

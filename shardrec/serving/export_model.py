@@ -43,7 +43,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec import __version__
 from shardrec.config import to_dict
-from shardrec.data.schema import FeatureSchema
+from shardrec.data.feature_stats import STATS_FILE, FeatureStats, apply_stats, read_stats
+from shardrec.data.schema import FeatureSchema, LabelConfig
 from shardrec.errors import CheckpointError, ConfigError
 from shardrec.job import JobConfig, load_job
 from shardrec.models import registry
@@ -81,23 +82,38 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     job = load_job(cfg.config or path / "config.yaml", [])
     model = build_unsharded(job, path)
     dtypes = table_dtypes(model, cfg)
-    manifest = build_manifest(job, model, step=meta["step"], checkpoint=path, dtypes=dtypes)
+    stats = checkpoint_stats(job.features, path)
+    features = apply_stats(job.features, stats, where=f"checkpoint '{path}'")
+    manifest = build_manifest(job, model, step=meta["step"], checkpoint=path, dtypes=dtypes, features=features)
+    if stats is not None:
+        manifest["feature_stats"] = stats.to_json()
     if registry.get(job.model_name).retrieval:
-        ids, catalogue = read_catalogue(_items_path(job), job.features, item_feature=model.item_feature)
-        towers = TwoTowers(quantize(model, dtypes), schema=job.features, items=catalogue)
+        ids, catalogue = read_catalogue(_items_path(job), features, item_feature=model.item_feature)
+        towers = TwoTowers(quantize(model, dtypes), schema=features, items=catalogue)
         scripted = {name: to_torchscript(tower, model=job.model_name) for name, tower in towers.modules().items()}
         manifest.update(two_tower_manifest(job, towers))
     else:
-        scripted = {"model": to_torchscript(ServingModule(quantize(model, dtypes), keys=job.features.unweighted_names), model=job.model_name)}
+        serving = ServingModule(quantize(model, dtypes), keys=job.features.unweighted_names, tasks=job.features.tasks)
+        scripted = {"model": to_torchscript(serving, model=job.model_name)}
     with atomic_folder(cfg.out) as tmp:
         for name, module in scripted.items():
             module.save(str(tmp / manifest["files"][name]))
         if "item_tower" in scripted:
-            vectors = item_vectors(scripted["item_tower"], job.features, catalogue, inputs=towers.item_inputs)
+            vectors = item_vectors(scripted["item_tower"], features, catalogue, inputs=towers.item_inputs)
             write_item_embeddings(tmp / TOWER_FILES["item_embeddings"], Catalogue(ids=ids, vectors=vectors))
             manifest["items"] = {"path": str(_items_path(job)), "count": len(ids), "computed_by": TOWER_FILES["item_tower"]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def checkpoint_stats(schema: FeatureSchema, path: Path) -> FeatureStats | None:
+    """The feature statistics checkpoint ``path`` carries, when ``schema`` needs them."""
+    if not schema.needs_stats:
+        return None
+    if not (path / STATS_FILE).is_file():
+        raise CheckpointError(f"checkpoint '{path}' has no {STATS_FILE}, which its job's normalized or bucketized features "
+                              f"need; copy the training run's {STATS_FILE} into it")
+    return read_stats(path / STATS_FILE)
 
 
 def _items_path(job: JobConfig) -> str:
@@ -184,15 +200,30 @@ class ServingModule(nn.Module):
         scores = serving(torch.randn(2, 3), torch.tensor([4, 7, 1, 9]), torch.tensor([2, 1, 0, 1], dtype=torch.int32))
     """
 
-    def __init__(self, model: nn.Module, *, keys: list[str]) -> None:
+    def __init__(self, model: nn.Module, *, keys: list[str], tasks: list[LabelConfig] | None = None) -> None:
         super().__init__()
         self.model = model
         self.keys = keys
+        tasks = tasks or [LabelConfig(name="label")]
+        self.all_binary = all(t.type == "binary" for t in tasks)
+        self.spec = [(t.type, t.width) for t in tasks]
+        self.width = sum(t.width for t in tasks)
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Scores ``[B]`` (``[B, T]``) for dense ``[B, D]`` and the key-major ``values``/``lengths``."""
+        """Scores ``[B]`` (``[B, W]``) for dense ``[B, D]`` and the key-major ``values``/``lengths``:
+        per task a probability (binary), a value (regression) or class probabilities (multiclass)."""
         kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths)
-        return torch.sigmoid(self.model(dense, kjt))
+        logits = self.model(dense, kjt)
+        if self.all_binary:
+            return torch.sigmoid(logits)
+        flat = logits.reshape(-1, self.width)
+        parts, start = [], 0
+        for kind, width in self.spec:  # unrolled by fx tracing
+            part = flat[:, start : start + width]
+            parts.append(torch.sigmoid(part) if kind == "binary" else part.softmax(dim=1) if kind == "multiclass" else part)
+            start += width
+        out = torch.cat(parts, dim=1)
+        return out.squeeze(1) if self.width == 1 else out
 
 
 class _Tower(nn.Module):
@@ -298,11 +329,31 @@ def to_torchscript(module: nn.Module, *, model: str) -> torch.jit.ScriptModule:
         raise ConfigError(f"model '{model}' cannot be exported: TorchScript cannot hold it ({type(e).__name__}: {first})") from e
 
 
-def build_manifest(job: JobConfig, model: nn.Module, *, step: int, checkpoint: Path, dtypes: dict[str, Quantize]) -> dict[str, Any]:
+def output_columns(schema: FeatureSchema, *, multi_task: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    """Names of the served model's output columns, in order, and each task's place among them:
+    ``score`` (``score_<label>`` with several tasks) per binary or regression task, one
+    ``score_<class>`` (``score_<label>_<class>``) per class of a multiclass task."""
+    columns: list[str] = []
+    tasks: list[dict[str, Any]] = []
+    for t in schema.tasks:
+        prefix = f"score_{t.name}" if multi_task else "score"
+        classes = (t.classes or [str(i) for i in range(t.width)]) if t.type == "multiclass" else None
+        names = [f"{prefix}_{c}" for c in classes] if classes is not None else [prefix]
+        kind = {"binary": "probability", "regression": "value", "multiclass": "class probabilities"}[t.type]
+        tasks.append({"label": t.name, "type": t.type, "columns": names, "kind": kind,
+                      **({"classes": classes, "argmax_column": f"class_{t.name}" if multi_task else "class"} if classes else {})})
+        columns += names
+    return columns, tasks
+
+
+def build_manifest(
+    job: JobConfig, model: nn.Module, *, step: int, checkpoint: Path, dtypes: dict[str, Quantize], features: FeatureSchema | None = None
+) -> dict[str, Any]:
     """What a server or ``shardrec predict`` needs besides the module: inputs, outputs, preprocessing."""
     schema: FeatureSchema = job.features
     entry = registry.get(job.model_name)
     tables = embedding_tables(model)
+    columns, tasks = output_columns(features or schema, multi_task=entry.multi_task)
     return {
         "format": FORMAT,
         "kind": "ranking",
@@ -313,8 +364,8 @@ def build_manifest(job: JobConfig, model: nn.Module, *, step: int, checkpoint: P
         "files": {"model": MODEL_FILE},
         "inputs": {"dense": schema.dense_names, "sparse": schema.unweighted_names,
                    "signature": "forward(dense float32 [B, len(dense)], values int64 [N], lengths int32 [len(sparse) * B], key-major)"},
-        "outputs": {"scores": [f"score_{t}" for t in schema.labels] if entry.multi_task else ["score"], "shape": "[B, T]" if entry.multi_task else "[B]",
-                    "kind": "probability (sigmoid of the logit)"},
+        "outputs": {"scores": columns, "shape": "[B]" if len(columns) == 1 else f"[B, {len(columns)}]", "tasks": tasks,
+                    "kind": "per task: probability (sigmoid of the logit), value, or class probabilities (softmax)"},
         "tables": {t: {**info, "dtype": dtypes[t]} for t, info in tables.items()},
         "features": to_dict(schema),
     }

@@ -5,7 +5,8 @@ The rows are read and preprocessed by the training reader (:class:`ParquetReader
 feature schema the artifact's manifest carries), so hashing, bucketizing and truncation match
 training; the id column the user names is read alongside, row for row, and written next to one
 score column per task (a two-tower artifact: a ``vector`` column of user vectors, from the user
-tower). Label columns are neither needed nor read. The output appears under its name only once complete.
+tower; a multiclass task adds a column with its most likely class). Label columns are neither needed
+nor read. The output appears under its name only once complete.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from shardrec.config import build
+from shardrec.data.feature_stats import FeatureStats, apply_stats
 from shardrec.data.reader import ParquetReader
 from shardrec.data.schema import FeatureSchema
 from shardrec.data.sources import DataFile, resolve
@@ -65,6 +67,9 @@ def predict(cfg: PredictConfig) -> PredictResult:
     """
     manifest = read_manifest(cfg.model)
     schema = build(FeatureSchema, manifest["features"], key="features")
+    if "feature_stats" in manifest:
+        stats = FeatureStats.from_json(manifest["feature_stats"], where=str(cfg.model / MANIFEST))
+        schema = apply_stats(schema, stats, where=f"'{cfg.model / MANIFEST}'")
     two_tower = manifest["kind"] == "two_tower"
     if two_tower:
         schema = tower_schema(schema, manifest["inputs"]["user"]["sparse"])
@@ -73,7 +78,9 @@ def predict(cfg: PredictConfig) -> PredictResult:
     check_id_column(files, cfg.id_column)
     module = load_artifact(cfg.model / manifest["files"]["user_tower" if two_tower else "model"])
     columns = [cfg.id_column, *(["vector"] if two_tower else manifest["outputs"]["scores"])]
-    if cfg.id_column in columns[1:]:
+    argmax = [] if two_tower else [(t["argmax_column"], [columns.index(c) - 1 for c in t["columns"]], t["classes"])
+                                   for t in manifest["outputs"].get("tasks", []) if "argmax_column" in t]
+    if cfg.id_column in columns[1:] + [a[0] for a in argmax]:
         raise ConfigError(f"--id-column '{cfg.id_column}' is also the name of a score column; the scores are {columns[1:]}")
     rows = sum(pq.ParquetFile(_open(f)).metadata.num_rows for f in files)
     start = time.perf_counter()
@@ -83,7 +90,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
         for batch in reader:
             with torch.inference_mode():
                 scores = module(batch.dense_features, batch.sparse_features.values(), batch.sparse_features.lengths())
-            table = _table(columns, ids.send(batch.size), scores, vector=two_tower)
+            table = _table(columns, ids.send(batch.size), scores, vector=two_tower, argmax=argmax)
             writer = writer or pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
             bar.update(batch.size)
@@ -92,11 +99,15 @@ def predict(cfg: PredictConfig) -> PredictResult:
     return PredictResult(out=cfg.out, rows=rows, seconds=time.perf_counter() - start)
 
 
-def _table(columns: list[str], ids: pa.Array, outputs: torch.Tensor, *, vector: bool) -> pa.Table:
+def _table(columns: list[str], ids: pa.Array, outputs: torch.Tensor, *, vector: bool,
+           argmax: list[tuple[str, list[int], list[str]]]) -> pa.Table:
+    """The output rows: the id, then the score columns, then each multiclass task's most likely class."""
     values = outputs.float().reshape(len(ids), -1).numpy()
     if vector:
         return pa.table([ids, pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])], names=columns)
-    return pa.table([ids, *(pa.array(values[:, j]) for j in range(values.shape[1]))], names=columns)
+    best = [pa.array([classes[i] for i in values[:, cols].argmax(axis=1)]) for _, cols, classes in argmax]
+    return pa.table([ids, *(pa.array(values[:, j]) for j in range(values.shape[1])), *best],
+                    names=columns + [name for name, _, _ in argmax])
 
 
 def load_artifact(path: Path) -> torch.jit.ScriptModule:

@@ -18,6 +18,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from shardrec.data.batch import Batch
+from shardrec.data.schema import LabelConfig
 from shardrec.errors import ConfigError
 from shardrec.job import JobConfig
 from shardrec.models import registry
@@ -27,13 +28,15 @@ from shardrec.train.config import SparseOptimizerConfig
 class TrainModule(nn.Module):
     """Wraps a zoo model: ``forward(batch) -> (loss, (loss, logits, labels))`` as torchrec pipelines expect."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, tasks: list[LabelConfig] | None = None, single_label: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.tasks = tasks
+        self.single_label = single_label
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         outputs = self.model(batch.dense_features, batch.sparse_features)
-        loss, logits = registry.training_loss(self.model, outputs, batch.labels)
+        loss, logits = registry.training_loss(self.model, outputs, batch.labels, self.tasks, single=self.single_label)
         return loss, (loss.detach(), logits.detach(), batch.labels)
 
 
@@ -56,7 +59,7 @@ def meta_model(job: JobConfig, *, device_type: str | None = None) -> MetaModel:
     if device_type is not None:
         check_sparse_optimizer(job.train.sparse_optimizer, device_type=device_type)
     model = registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta"))
-    module = TrainModule(model)
+    module = TrainModule(model, tasks=job.features.tasks, single_label=job.features.single_label)
     fuse_sparse_optimizer(module, job.train.sparse_optimizer)
     return MetaModel(module=module, tables=model_tables(module))
 

@@ -11,6 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shardrec.data.schema import LabelConfig
+from shardrec.models.tasks import label_columns, split_outputs
+
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the ROC curve of ``scores`` for 0/1 ``labels``, ties counted half (Mann-Whitney U)."""
@@ -50,22 +53,62 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
-def eval_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """AUC and log loss over the predictions of every rank; ``[N, T]`` inputs (T tasks) give each
-    task's as ``auc_task<i>``/``log_loss_task<i>`` and their means as ``auc``/``log_loss``.
+def regression_metrics(values: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """RMSE, MAE and R² (1 - SSE / SST; NaN when the labels are constant) of predicted ``values``."""
+    err = values.double() - labels.double()
+    sst = float(((labels.double() - labels.double().mean()) ** 2).sum())
+    r2 = 1.0 - float((err**2).sum()) / sst if sst > 0 else math.nan
+    return {"rmse": float(err.pow(2).mean().sqrt()), "mae": float(err.abs().mean()), "r2": r2}
+
+
+def multiclass_metrics(logits: torch.Tensor, labels: torch.Tensor, *, top_k: int = 3) -> dict[str, float]:
+    """Accuracy, log loss (softmax cross-entropy) and, with more than ``top_k`` classes, top-k accuracy."""
+    y = labels.long()
+    out = {"accuracy": float((logits.argmax(dim=1) == y).double().mean()),
+           "log_loss": float(torch.nn.functional.cross_entropy(logits.double(), y))}
+    if logits.shape[1] > top_k:
+        hit = (logits.topk(top_k, dim=1).indices == y[:, None]).any(dim=1)
+        out[f"top{top_k}_accuracy"] = float(hit.double().mean())
+    return out
+
+
+def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, task: LabelConfig) -> dict[str, float]:
+    """The metrics of one task's type over all of its outputs and labels (on the host)."""
+    if task.type == "regression":
+        return regression_metrics(outputs, labels)
+    if task.type == "multiclass":
+        return multiclass_metrics(outputs, labels)
+    return {"auc": auc(outputs, labels), "log_loss": log_loss(outputs, labels)}
+
+
+def eval_metrics(logits: torch.Tensor, labels: torch.Tensor, tasks: list[LabelConfig] | None = None) -> dict[str, float]:
+    """Each task's metrics over the predictions of every rank (:func:`task_metrics`; ``tasks``
+    None: a binary task per label column). With several tasks, task i's are ``<name>_task<i>``
+    and each metric's mean over the tasks that have it is ``<name>``.
 
     The tensors stay on their device for the gather (nccl gathers cuda tensors only); the
     metrics are computed on the host.
     """
-    if logits.dim() == 1:
-        all_logits, all_labels = gather(logits.float()).cpu(), gather(labels.float()).cpu()
-        return {"auc": auc(all_logits, all_labels), "log_loss": log_loss(all_logits, all_labels), "rows": all_labels.numel()}
-    tasks = [eval_metrics(logits[:, i].contiguous(), labels[:, i].contiguous()) for i in range(logits.shape[1])]
-    out: dict[str, float] = {"rows": tasks[0]["rows"]}
-    for name in ("auc", "log_loss"):
-        out.update({f"{name}_task{i}": t[name] for i, t in enumerate(tasks)})
-        out[name] = sum(t[name] for t in tasks) / len(tasks)
-    return out
+    width = 1 if labels.dim() == 1 else labels.shape[1]
+    tasks = tasks or [LabelConfig(name=f"label{i}") for i in range(width)]
+    per_task = []
+    for out, y, task in zip(split_outputs(logits, tasks), label_columns(labels, tasks, single=labels.dim() == 1), tasks):
+        all_out = gather(out.float().reshape(-1).contiguous()).cpu().reshape(-1, *out.shape[1:])
+        per_task.append(task_metrics(all_out, gather(y.float().contiguous()).cpu(), task))
+    rows = int(gather(torch.tensor([labels.shape[0]], device=labels.device)).sum())
+    if len(tasks) == 1:
+        return {**per_task[0], "rows": rows}
+    out_metrics: dict[str, float] = {"rows": rows}
+    names = list(dict.fromkeys(k for m in per_task for k in m))
+    for name in names:
+        out_metrics.update({f"{name}_task{i}": m[name] for i, m in enumerate(per_task) if name in m})
+        values = [m[name] for m in per_task if name in m]
+        out_metrics[name] = sum(values) / len(values)
+    return out_metrics
+
+
+HEADLINE = ("auc", "rmse", "mae", "r2", "accuracy", "log_loss")
+"""Metrics the progress line shows, when a run has them."""
 
 
 class MetricsLog:

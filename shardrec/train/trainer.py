@@ -17,15 +17,18 @@ from torchrec.distributed.train_pipeline import TrainPipeline
 from tqdm import tqdm
 
 from shardrec.data.batch import Batch
+from shardrec.data.feature_stats import STATS_FILE, FeatureStats, apply_stats, compute_stats, read_stats, write_stats
+from shardrec.data.schema import FeatureSchema
 from shardrec.data.negatives import NegativeSampler
 from shardrec.data.reader import ParquetReader
 from shardrec.data.sources import resolve
+from shardrec.errors import ConfigError, DataError, ShardrecError
 from shardrec.job import JobConfig, dump_job
 from shardrec.models import registry
 from shardrec.checkpoint import store as checkpoint
 from shardrec.train.dist import DistContext
 from shardrec.train.weight_init import init_dense, init_tables
-from shardrec.train.metrics import MetricsLog, eval_metrics
+from shardrec.train.metrics import HEADLINE, MetricsLog, eval_metrics
 from shardrec.train.optim import build_optimizer, init_optimizer_state
 from shardrec.checkpoint.warm_start import warm_start
 from shardrec.train.rng import rng_states, set_rng_states
@@ -70,6 +73,7 @@ class Trainer:
     def __init__(self, job: JobConfig, *, ctx: DistContext, run_dir: Path, data: DataPaths) -> None:
         self.job, self.ctx, self.run_dir, self.data = job, ctx, run_dir, data
         self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
+        self.features = self.feature_schema()
         self.model = self.build_model()
         self.optimizer = build_optimizer(
             self.model, dense=job.train.dense_optimizer, sparse=job.train.sparse_optimizer, world_size=ctx.world_size
@@ -91,6 +95,46 @@ class Trainer:
             run_dir / "checkpoints", is_main=ctx.is_main, keep_last_n=cfg.keep_last_n, asynchronous=cfg.async_save,
             timeout_s=job.train.timeout_s,
         )
+
+    def feature_schema(self) -> FeatureSchema:
+        """The schema the readers get: the job's, with the training data's statistics where its
+        features need them. Rank 0 reads them from the run folder (a resumed run), from
+        ``data.feature_stats``, or computes them in one pass, writes them into the run folder and
+        sends them to the other ranks."""
+        schema = self.job.features
+        if not schema.needs_stats:
+            return schema
+        path = self.run_dir / STATS_FILE
+        box: list[Any] = [None]
+        if self.ctx.is_main:
+            try:
+                box[0] = self._main_stats(path).to_json()
+            except ShardrecError as e:
+                box[0] = {"error": str(e), "kind": type(e).__name__}
+                self._send(box)
+                raise
+        self._send(box)
+        if "error" in box[0]:
+            raise (DataError if box[0]["kind"] == "DataError" else ConfigError)(box[0]["error"])
+        return apply_stats(schema, FeatureStats.from_json(box[0], where=str(path)), where=f"'{path}'")
+
+    def _main_stats(self, path: Path) -> FeatureStats:
+        given = self.job.data.feature_stats
+        if path.is_file():
+            return read_stats(path)
+        if given is not None:
+            stats = read_stats(Path(given))
+            apply_stats(self.job.features, stats, where=f"data.feature_stats '{given}'")
+        else:
+            start = time.perf_counter()
+            stats = compute_stats(self.data.train, self.job.features, seed=self.job.train.seed)
+            print(f"feature statistics: {stats.rows} training rows read in {time.perf_counter() - start:.1f} s -> {path}", flush=True)
+        write_stats(path, stats)
+        return stats
+
+    def _send(self, box: list[Any]) -> None:
+        if torch.distributed.is_initialized() and self.ctx.world_size > 1:
+            torch.distributed.broadcast_object_list(box, src=0)
 
     def build_model(self) -> DistributedModelParallel:
         """Builds on meta, plans, shards and initializes the model independently of the plan."""
@@ -125,7 +169,7 @@ class Trainer:
         data = self.job.data
         return ParquetReader(
             self.data.train,
-            schema=self.job.features,
+            schema=self.features,
             batch_size=data.batch_size,
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
@@ -144,7 +188,7 @@ class Trainer:
         assert self.data.eval is not None
         data = self.job.data
         return ParquetReader(
-            self.data.eval, schema=self.job.features, batch_size=data.eval_batch_size or data.batch_size,
+            self.data.eval, schema=self.features, batch_size=data.eval_batch_size or data.batch_size,
             rank=self.ctx.rank, world_size=self.ctx.world_size, prefetch=data.prefetch,
         )
 
@@ -248,17 +292,21 @@ class Trainer:
         )
 
     def _attachments(self) -> dict[str, str]:
-        """Texts every checkpoint carries: this run's plan and its resolved job."""
-        plan = self.run_dir / "plan.json"
-        return {"config.yaml": dump_job(self.job), **({"plan.json": plan.read_text()} if plan.is_file() else {})}
+        """Texts every checkpoint carries: this run's resolved job, its plan and its feature statistics."""
+        texts = {"config.yaml": dump_job(self.job)}
+        for name in ("plan.json", STATS_FILE):
+            if (self.run_dir / name).is_file():
+                texts[name] = (self.run_dir / name).read_text()
+        return texts
 
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0
 
     @torch.no_grad()
     def evaluate(self, pipeline: TrainPipeline) -> dict[str, float] | None:
-        """AUC and log loss over the evaluation data of every rank (retrieval models: recall, hit
-        rate, NDCG and MRR at k over the item catalogue)."""
+        """Each task's metrics over the evaluation data of every rank (binary: AUC and log loss;
+        regression: RMSE, MAE, R²; multiclass: accuracy, log loss, top-3 accuracy; retrieval
+        models: recall, hit rate, NDCG and MRR at k over the item catalogue)."""
         if self.data.eval is None:
             return None
         model = eval_model(pipeline)
@@ -276,10 +324,11 @@ class Trainer:
             labels.append(lab.float())
         model.train()
         resume_training(pipeline)
-        metrics = eval_metrics(torch.cat(logits), torch.cat(labels))
+        metrics = eval_metrics(torch.cat(logits), torch.cat(labels), self.job.features.tasks)
         self.log.write("eval", step=self.step, **metrics)
         if self.ctx.is_main:
-            tqdm.write(f"step {self.step}: eval auc {metrics['auc']:.4f} log_loss {metrics['log_loss']:.4f}")
+            shown = " ".join(f"{k} {metrics[k]:.4f}" for k in HEADLINE if k in metrics)
+            tqdm.write(f"step {self.step}: eval {shown}")
         return metrics
 
     def _evaluate_retrieval(self, model: nn.Module) -> dict[str, float]:
@@ -289,7 +338,7 @@ class Trainer:
         retrieval_model = model.module.model
         assert job.data.items_path is not None
         if self._catalogue_rows is None:
-            self._catalogue_rows = read_catalogue(job.data.items_path, job.features, item_feature=retrieval_model.item_feature)
+            self._catalogue_rows = read_catalogue(job.data.items_path, self.features, item_feature=retrieval_model.item_feature)
         self.catalogue = embed_catalogue(retrieval_model, *self._catalogue_rows, job.features, batch_size=cfg.item_batch_size,
                                          device=self.ctx.device, where=job.data.items_path)
         batches = itertools.islice(self.eval_reader(), job.train.eval_batches)

@@ -127,7 +127,7 @@ def _run_rank(args: argparse.Namespace, overrides: list[str], *, rank: int, logg
     except KeyboardInterrupt:
         return INTERRUPTED
     except ShardrecError as e:
-        if interrupted():  # a peer that Ctrl-C stopped first: not a failure of its own
+        if interrupted(e):  # a peer that Ctrl-C stopped first: not a failure of its own
             return INTERRUPTED
         stream = rank_log.log_only(sys.stderr) if logged else sys.stderr
         print(f"shardrec: error: {e}", file=stream, flush=True)  # type: ignore[call-overload]
@@ -136,7 +136,7 @@ def _run_rank(args: argparse.Namespace, overrides: list[str], *, rank: int, logg
             rank_log.write_error(run_dir, rank, line=str(e), kind="lost" if isinstance(e, RankLostError) else "input")
         return 2
     except Exception as e:
-        if interrupted():
+        if interrupted(e):
             return INTERRUPTED
         if not logged:
             raise
@@ -151,9 +151,20 @@ INTERRUPTED = 130
 """Exit code of a run stopped by Ctrl-C (SIGINT), as shells report it."""
 
 
-def interrupted() -> bool:
-    """Whether this process has received SIGINT (the error being handled may be its consequence)."""
-    return _SIGINT.received
+def interrupted(error: BaseException | None = None) -> bool:
+    """Whether this process has received SIGINT, or ``error`` came from a KeyboardInterrupt (a
+    library that wraps what its code raised, as DCP's CheckpointException does): the error being
+    handled is then the interrupt's consequence."""
+    return _SIGINT.received or (error is not None and _from_interrupt(error, depth=0))
+
+
+def _from_interrupt(error: BaseException, *, depth: int) -> bool:
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    if depth > 8:
+        return False
+    inner = [error.__cause__, error.__context__, *getattr(error, "failures", {}).values()]
+    return any(isinstance(e, BaseException) and _from_interrupt(e, depth=depth + 1) for e in inner)
 
 
 class _SigintFlag:
