@@ -238,10 +238,11 @@ def apply_stats(schema: FeatureSchema, stats: FeatureStats | None, *, where: str
     assert stats is not None
     dense = [_with(f, "stats", stats.dense[f.name]) if f.needs_stats else f for f in schema.dense]
     sparse = [_with(f, "quantiles", stats.quantiles[f.name]) if f.num_buckets is not None else f for f in schema.sparse]
-    tasks = [_with(t, "classes", stats.classes[t.name]) if t.name in stats.classes else t for t in schema.tasks]
+    items = schema.label if isinstance(schema.label, list) else [schema.label]
+    labels = [_with(t, "classes", stats.classes[t.name]) if t.name in stats.classes else x for t, x in zip(schema.tasks, items)]
     out = copy.copy(schema)
     out.dense, out.sparse = dense, sparse
-    out.label = tasks[0] if schema.single_label else tasks
+    out.label = labels if isinstance(schema.label, list) else labels[0]
     return out
 
 
