@@ -168,7 +168,7 @@ def stats_schema(schema: FeatureSchema) -> FeatureSchema:
     """The part of ``schema`` whose columns the statistics pass reads (its labels: the multiclass ones)."""
     sparse = [f for f in schema.sparse if f.num_buckets is not None]
     tables = [t for t in schema.tables if t.name in {f.table for f in sparse}]
-    multiclass = [t for t in schema.tasks if t.type == "multiclass"]
+    multiclass = [t for t in schema.tasks if t.type == "multiclass" and t.class_names is None]
     return FeatureSchema(label=multiclass or schema.label, dense=[f for f in schema.dense if f.needs_stats], sparse=sparse,
                          tables=tables)
 
@@ -180,7 +180,7 @@ def compute_stats(path: str | Path, schema: FeatureSchema, *, seed: int = 0) -> 
         DataError: the data cannot be read, or a feature has no non-missing value.
     """
     part_schema = stats_schema(schema)
-    multiclass = [t for t in schema.tasks if t.type == "multiclass"]
+    multiclass = [t for t in schema.tasks if t.type == "multiclass" and t.class_names is None]
     source = open_source(path, part_schema, labels=bool(multiclass))
     moments = {f.name: _Moments() for f in part_schema.dense}
     samples = {f.name: _Sample(SAMPLE_SIZE, seed + i) for i, f in enumerate(part_schema.sparse)}

@@ -77,8 +77,11 @@ class LabelConfig:
     """Where huber turns from quadratic to linear."""
     weight: float = 1.0
     """This task's weight in the summed loss (multiplied by model.task_weights where a model has them)."""
+    class_names: list[str] | None = None
+    """The string classes of a multiclass label in id order (num_classes of them); unset: the
+    sorted classes of the training data (then a class only the evaluation data hold is an error)."""
     classes: list[str] | None = field(default=None, init=False, repr=False, compare=False)
-    """String classes in id order, from the training data (set by ``apply_stats``); not a YAML key."""
+    """String classes in id order: ``class_names``, or the training data's (set by ``apply_stats``); not a YAML key."""
 
     def __post_init__(self) -> None:
         where = f"features.label '{self.name}'"
@@ -87,8 +90,13 @@ class LabelConfig:
         if self.type == "multiclass":
             if self.num_classes is None or self.num_classes < 2:
                 raise ConfigError(f"{where}: a multiclass label needs num_classes >= 2, got {self.num_classes}")
-        elif self.num_classes is not None:
-            raise ConfigError(f"{where}: num_classes is for type: multiclass; remove it or set the type")
+            if self.class_names is not None:
+                if len(self.class_names) != self.num_classes or len(set(self.class_names)) != len(self.class_names):
+                    raise ConfigError(f"{where}: class_names must list num_classes ({self.num_classes}) distinct classes, "
+                                      f"got {len(self.class_names)}")
+                self.classes = list(self.class_names)
+        elif self.num_classes is not None or self.class_names is not None:
+            raise ConfigError(f"{where}: num_classes and class_names are for type: multiclass; remove them or set the type")
         if self.loss is not None and self.loss not in _LOSSES[self.type]:
             raise ConfigError(f"{where}: loss '{self.loss}' does not fit a {self.type} label; use {' or '.join(_LOSSES[self.type])}")
         if not self.huber_delta > 0:
@@ -359,7 +367,7 @@ class FeatureSchema:
         """Whether reading the data needs statistics of the training data (normalization,
         ``fill_missing: mean``, ``num_buckets``, the classes of a multiclass label)."""
         return (any(f.needs_stats for f in self.dense) or any(f.num_buckets is not None for f in self.sparse)
-                or any(t.type == "multiclass" for t in self.tasks))
+                or any(t.type == "multiclass" and t.class_names is None for t in self.tasks))
 
     def without_raw(self) -> FeatureSchema:
         """This schema without its raw features (for models that read none)."""

@@ -30,7 +30,7 @@ BINARY = LabelConfig(name="b")
 
 @pytest.mark.parametrize(("label", "message"), [
     ({"name": "c", "type": "multiclass"}, "needs num_classes >= 2"),
-    ({"name": "y", "type": "regression", "num_classes": 3}, "num_classes is for type: multiclass"),
+    ({"name": "y", "type": "regression", "num_classes": 3}, "num_classes and class_names are for type: multiclass"),
     ({"name": "y", "type": "regression", "loss": "bce"}, "loss 'bce' does not fit a regression label; use mse or huber"),
     ({"name": "b", "loss": "mse"}, "loss 'mse' does not fit a binary label; use bce"),
     ({"name": "y", "type": "ordinal"}, "valid choices: binary, regression, multiclass"),
@@ -147,3 +147,13 @@ def test_funnel_models_say_they_need_binary_labels(name: str) -> None:
     schema.label = [LabelConfig(name="click"), LabelConfig(name="gmv", type="regression")]
     with pytest.raises(ConfigError, match=f"model '{name}' .* so its labels must be binary, but features.label 'gmv' is regression"):
         registry.build_model(name, {}, schema=schema, device=torch.device("cpu"))
+
+
+def test_class_names_fix_the_ids_and_admit_classes_the_training_data_lack(tmp_path: Path) -> None:
+    label = LabelConfig(name="y", type="multiclass", num_classes=3, class_names=["a", "b", "c"])
+    schema = _schema(label)
+    assert not schema.needs_stats
+    (batch,) = list(ParquetReader(_labels_file(tmp_path, ["c", "a", "c"]), schema=schema, batch_size=3))
+    assert batch.labels.tolist() == [2, 0, 2]
+    with pytest.raises(ConfigError, match="class_names must list num_classes \\(3\\) distinct classes, got 2"):
+        LabelConfig(name="y", type="multiclass", num_classes=3, class_names=["a", "b"])
