@@ -163,7 +163,9 @@ def _from_interrupt(error: BaseException, *, depth: int) -> bool:
         return True
     if depth > 8:
         return False
-    inner = [error.__cause__, error.__context__, *getattr(error, "failures", {}).values()]
+    # DCP's CheckpointException keeps each rank's (exception, stack) in ``failures``.
+    wrapped = [f[0] if isinstance(f, tuple) else f for f in getattr(error, "failures", {}).values()]
+    inner = [error.__cause__, error.__context__, *wrapped]
     return any(isinstance(e, BaseException) and _from_interrupt(e, depth=depth + 1) for e in inner)
 
 
