@@ -73,6 +73,7 @@ def job(model: str, *, feats: dict[str, Any], train: Path, held_out: Path, epoch
 
 def zscore(train: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean, std = train.mean(axis=0), train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)  # a column constant in a fold (ecoli's lip, chg): as shardrec does
     return (train - mean) / std, (other - mean) / std
 
 

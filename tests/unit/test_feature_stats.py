@@ -159,3 +159,26 @@ def test_num_buckets_checks_and_resolved_fields_stay_out_of_the_yaml(tmp_path: P
     resolved = apply_stats(schema, compute_stats(path, schema), where="test")
     assert to_dict(resolved) == to_dict(schema)  # statistics are not YAML keys: a dumped job loads again
     assert isinstance(FeatureStats.from_json(json.loads(json.dumps(compute_stats(path, schema).to_json())), where="x"), FeatureStats)
+
+
+def test_data_stats_command_and_a_stats_file_for_another_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from shardrec.cli import main as cli_main
+
+    path, _ = _data(tmp_path)
+    features = to_dict(_schema(age={"normalize": "zscore"}, ratio={"normalize": "minmax"}))
+    job = {"model": {"name": "dlrm", "dense_arch_layer_sizes": [8, 4]},
+           "features": {**features, "tables": [{**t, "embedding_dim": 4} for t in features["tables"]]},
+           "data": {"train_path": str(path)}, "train": {"steps": 2}, "run": {"root": str(tmp_path / "runs")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    out = tmp_path / "stats" / "feature_stats.json"
+    assert cli_main(["data", "stats", str(tmp_path / "job.yaml"), "--out", str(out)]) == 0
+    assert read_stats(out) == compute_stats(path, build(FeatureSchema, job["features"], key="features"))
+    assert f"use it with data.feature_stats={out}" in capsys.readouterr().out
+    other = FeatureStats(source="x", rows=1)
+    write_stats(tmp_path / "other.json", other)
+    rc = cli_main(["train", str(tmp_path / "job.yaml"), f"--data.feature_stats={tmp_path / 'other.json'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "has no statistics for feature 'age' (and 2 more)" in err[0]
+    assert not (tmp_path / "runs").exists()  # rejected before the run folder is made
