@@ -20,11 +20,11 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
-    build_ebc,
+    build_ebc_if_tables,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
-    pooled_by_feature,
+    pooled_embeddings,
 )
 
 
@@ -100,12 +100,12 @@ class MultiTaskModel(nn.Module):
         self.feature_names = schema.sparse_names
         self.num_tasks = len(schema.labels)
         self.task_weights = task_weights(weights, schema=schema)
-        self.ebc = build_ebc(schema, device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
         self.input_dim = embedding_output_dim(schema) + len(schema.dense)
 
     def embed(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """``[B, input_dim]``: every feature's pooled embedding, then the dense features."""
-        return torch.cat([*pooled_by_feature(self.ebc(sparse_features), self.feature_names), dense_features], dim=1)
+        return torch.cat([*pooled_embeddings(self.ebc, sparse_features, self.feature_names), dense_features], dim=1)
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor]:
         """``(logits,)`` in training mode, so that :meth:`loss` scores them; the logits in eval mode."""

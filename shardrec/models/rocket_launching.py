@@ -13,11 +13,11 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
-    build_ebc,
+    build_ebc_if_tables,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
-    pooled_by_feature,
+    pooled_embeddings,
 )
 from shardrec.models.registry import register
 
@@ -74,7 +74,7 @@ class RocketLaunching(nn.Module):
         check_features(schema, model="rocket_launching")
         self.feature_names = schema.sparse_names
         self.hint_weight = config.hint_weight
-        self.ebc = build_ebc(schema, device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
         width = embedding_output_dim(schema) + len(schema.dense)
         self.shared: nn.Module = nn.Identity()
         if config.shared_layer_sizes:
@@ -87,7 +87,7 @@ class RocketLaunching(nn.Module):
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training: ``(light, booster)`` logits ``[B]`` each; eval: the light logits ``[B]``."""
-        emb = pooled_by_feature(self.ebc(sparse_features), self.feature_names)
+        emb = pooled_embeddings(self.ebc, sparse_features, self.feature_names)
         shared = self.shared(torch.cat([*emb, dense_features], dim=1))
         light = self.light(shared).squeeze(-1)
         if not self.training:

@@ -13,12 +13,15 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
+    DenseFieldEmbedding,
     FirstOrder,
-    build_ebc,
+    build_ebc_if_tables,
+    check_dense_embedding_dim,
     check_features,
     check_layer_sizes,
-    pooled_by_feature,
-    shared_embedding_dim,
+    field_dim,
+    pooled_embeddings,
+    stack_fields,
 )
 from shardrec.models.registry import register
 
@@ -35,8 +38,12 @@ class XDeepFMConfig:
     """Hidden widths of the deep MLP; a final width-1 layer producing its logit is added after them."""
     linear: bool = True
     """Add the linear part: ``<table>_linear`` first-order tables over the ids plus a Linear over dense."""
+    dense_embedding_dim: int | None = None
+    """Width of an embedded dense field in a schema without tables (dense features alone); unset:
+    the tables' embedding_dim."""
 
     def __post_init__(self) -> None:
+        check_dense_embedding_dim(self.dense_embedding_dim)
         check_layer_sizes(self.cin_layer_sizes, key="model.cin_layer_sizes")
         check_layer_sizes(self.deep_layer_sizes, key="model.deep_layer_sizes")
         odd = [h for h in self.cin_layer_sizes[:-1] if h % 2]
@@ -101,7 +108,8 @@ class XDeepFM(nn.Module):
 
     logit = linear part (first-order tables over the ids + Linear over dense; optional) + Linear over
     the CIN's pooled maps of the sparse fields' embeddings + deep MLP over [pooled embeddings, dense].
-    All tables must share one embedding_dim D.
+    All tables must share one embedding_dim D. A schema of dense features alone gives the CIN one
+    field per dense feature, ``v_j * x_j`` of width ``model.dense_embedding_dim``.
 
     Example::
 
@@ -117,20 +125,25 @@ class XDeepFM(nn.Module):
     def __init__(self, *, schema: FeatureSchema, config: XDeepFMConfig, device: torch.device) -> None:
         super().__init__()
         check_features(schema, model="xdeepfm")
-        dim = shared_embedding_dim(schema, model="xdeepfm")
+        dim = field_dim(schema, configured=config.dense_embedding_dim, model="xdeepfm")
         self.feature_names = schema.sparse_names
-        num_fields = len(self.feature_names)
-        self.ebc = build_ebc(schema, device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
+        # The CIN's fields are the sparse features, or the embedded dense ones when there are none.
+        self.dense_embedding = (
+            None if schema.sparse else DenseFieldEmbedding(len(schema.dense), dim, init="normal", device=device)
+        )
+        num_fields = len(self.feature_names) or len(schema.dense)
         self.cin = CIN(num_fields, config.cin_layer_sizes, split_half=config.split_half, device=device)
         self.cin_logit = nn.Linear(self.cin.output_dim, 1, device=device)
-        deep_in = num_fields * dim + len(schema.dense)
+        deep_in = len(self.feature_names) * dim + len(schema.dense)
         self.deep = MLP(deep_in, [*config.deep_layer_sizes, 1], final_activation=False, device=device)
         self.linear = FirstOrder(schema=schema, device=device) if config.linear else None
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
-        emb = torch.stack(pooled_by_feature(self.ebc(sparse_features), self.feature_names), dim=1)
-        logit = self.cin_logit(self.cin(emb)) + self.deep(torch.cat([emb.flatten(1), dense_features], dim=1))
+        sparse = pooled_embeddings(self.ebc, sparse_features, self.feature_names)
+        fields = stack_fields(sparse, None if self.dense_embedding is None else self.dense_embedding(dense_features))
+        logit = self.cin_logit(self.cin(fields)) + self.deep(torch.cat([*sparse, dense_features], dim=1))
         if self.linear is not None:
             logit = logit + self.linear(dense_features, sparse_features)
         return logit.squeeze(-1)
