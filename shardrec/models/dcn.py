@@ -65,7 +65,7 @@ class DCN(nn.Module):
 
     x0 = [pooled embeddings, dense features] goes through a cross network and, in parallel, a deep
     ReLU network; their outputs, concatenated, go through one Linear to the logit. Tables may have
-    different embedding_dims.
+    different embedding_dims; x0 may hold embeddings alone or dense values alone.
 
     Example::
 

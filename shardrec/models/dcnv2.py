@@ -161,7 +161,7 @@ class DCNv2(nn.Module):
 
     x0 = [pooled embeddings, dense features]. Stacked: x0 -> cross network -> deep network -> Linear
     to the logit. Parallel: [cross network(x0), deep network(x0)] -> Linear to the logit. Tables may
-    have different embedding_dims.
+    have different embedding_dims; x0 may hold embeddings alone or dense values alone.
 
     Example::
 

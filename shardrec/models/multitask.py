@@ -85,7 +85,8 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: list[float
 
 class MultiTaskModel(nn.Module):
     """Base of the multi-task models: one EBC over every sparse feature, the input
-    ``x = [pooled embeddings, dense]`` and the weighted per-task loss.
+    ``x = [pooled embeddings, dense]`` (either part may be missing from the schema; without
+    tables there is no EBC) and the weighted per-task loss.
 
     Args:
         schema: features, tables and labels (one task per label).

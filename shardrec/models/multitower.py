@@ -45,7 +45,8 @@ class MultiTower(nn.Module):
 
     Each group's input is its sparse features' pooled embeddings followed by its dense feature
     values (each in the group's order); each group has its own MLP tower, and a final MLP over the
-    concatenated tower outputs gives one logit. Tables may have different embedding_dims.
+    concatenated tower outputs gives one logit. Tables may have different embedding_dims; a schema
+    of dense features alone has no EBC.
 
     Example::
 

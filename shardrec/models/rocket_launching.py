@@ -55,7 +55,8 @@ class RocketLaunching(nn.Module):
     detached in the hint term: the paper's gradient block, so the hint pulls the light net (and the
     shared layers through it) toward the booster and never the booster toward the light net. In
     training mode forward returns ``(light, booster)`` for :meth:`loss`; in eval mode it returns the
-    light net's logits alone, which is all that serves. Tables may have different embedding_dims.
+    light net's logits alone, which is all that serves. Tables may have different embedding_dims;
+    a schema may have ids alone or dense features alone.
 
     Example::
 
