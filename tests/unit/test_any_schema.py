@@ -22,6 +22,7 @@ from shardrec.data.reader import ParquetReader
 from shardrec.data.schema import DenseFeature, FeatureSchema, SparseFeature, TableConfig, criteo_schema
 from shardrec.errors import ConfigError
 from shardrec.models import registry
+from shardrec.serving.export_model import ServingModule, to_torchscript
 
 CPU = torch.device("cpu")
 ROWS = 50
@@ -58,6 +59,11 @@ def _params(name: str, schema: FeatureSchema) -> dict[str, Any]:
         "dlrm": {"dense_arch_layer_sizes": [16, DIM]},
         "rocket_launching": {"hint_weight": 0.0},
         "wukong": {"fmb_layer_sizes": [32], "dense_layer_sizes": [16], "final_layer_sizes": [32]},
+        "dcn": {"deep_layer_sizes": [32]},
+        "dcnv2": {"deep_layer_sizes": [32]},
+        "xdeepfm": {"cin_layer_sizes": [16, 16], "deep_layer_sizes": [32]},
+        "masknet": {"block_dim": 32, "mlp_layer_sizes": [32]},
+        "bst": {"mlp_layer_sizes": [64, 32]},
     }.get(name, {})
     if not schema.tables and _has_key(name, "dense_embedding_dim"):
         params["dense_embedding_dim"] = DIM
@@ -259,3 +265,17 @@ def test_group_errors_name_the_feature(groups: dict[str, list[str]], match: str)
 def test_group_config_errors_name_the_key(groups: dict[str, list[str]], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         registry.model_config("widedeep", {"feature_groups": groups})
+
+
+@pytest.mark.parametrize(("name", "groups"), [
+    ("widedeep", {"wide": ["C1xC2", "I1", "I2"], "deep": ["C1", "C2"]}),
+    ("deepfm", {"wide": ["C1", "I2"], "fm": ["C1", "C2", "I1"], "deep": ["C2", "C1xC2", "I2"]}),
+])
+def test_grouped_models_script_for_serving(name: str, groups: dict[str, list[str]]) -> None:
+    # A part whose group has no dense feature, another reading some columns: `shardrec export` scripts both.
+    schema = _crossed_schema()
+    model = registry.build_model(name, {"feature_groups": groups}, schema=schema, device=CPU).eval()
+    scripted = to_torchscript(ServingModule(model, keys=schema.sparse_names), model=name)
+    dense, kjt = _inputs(0)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(dense, kjt.values(), kjt.lengths()), torch.sigmoid(model(dense, kjt)))

@@ -69,7 +69,12 @@ def stack_fields(pooled: list[torch.Tensor], dense_fields: torch.Tensor | None) 
 
 def select_columns(dense_features: torch.Tensor, columns: list[int] | None) -> torch.Tensor:
     """The ``columns`` of ``dense_features`` ``[B, num_dense]`` (a feature group's), or all of them for None."""
-    return dense_features if columns is None else dense_features[:, columns]
+    if columns is None:
+        return dense_features
+    if not columns:
+        # A slice, not an index by []: TorchScript (shardrec export) reads an empty list as List[Tensor].
+        return dense_features[:, :0]
+    return dense_features[:, columns]
 
 
 def embedding_output_dim(schema: FeatureSchema) -> int:

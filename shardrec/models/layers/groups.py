@@ -22,7 +22,7 @@ class FeatureGroup:
     """The group's sparse features and their tables and its dense features, in schema order; the
     whole schema for a part that reads every feature."""
     dense_columns: list[int] | None
-    """Positions of the group's dense features in the dense tensor; None: every column."""
+    """Positions of the group's dense features in the dense tensor; None: every column, in order."""
 
 
 def check_group_names(groups: dict[str, list[str]], *, parts: dict[str, str]) -> None:
@@ -85,4 +85,4 @@ def group_of(schema: FeatureSchema, names: list[str]) -> FeatureGroup:
         label=schema.label, dense=[schema.dense[i] for i in columns], sparse=sparse,
         tables=[t for t in schema.tables if t.name in tables],
     )
-    return FeatureGroup(schema=sub, dense_columns=columns)
+    return FeatureGroup(schema=sub, dense_columns=None if columns == list(range(len(schema.dense))) else columns)
