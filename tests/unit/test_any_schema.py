@@ -232,7 +232,18 @@ def test_deepfm_groups_feed_first_order_fm_and_deep_apart() -> None:
     assert _part_moves(model, "I1")  # read by the FM alone
 
 
-@pytest.mark.parametrize("name", ["widedeep", "deepfm"])
+def test_xdeepfm_linear_group_and_deep_group() -> None:
+    groups = {"wide": ["C1xC2", "I2"], "deep": ["C1", "C2", "I1"]}
+    model = registry.build_model("xdeepfm", {"feature_groups": groups, "cin_layer_sizes": [4], "deep_layer_sizes": [8]},
+                                 schema=_crossed_schema(), device=CPU)
+    assert _tables(model.linear.ebc) == ["t12_linear"] and _tables(model.ebc) == ["t1", "t2"]
+    assert model.cin.layers[0].in_features == 2 * 2 and model.deep[0].in_features == 2 * DIM + 1
+    assert [_part_moves(model.linear, k) for k in ("C1", "C2", "C1xC2", "I1", "I2")] == [False, False, True, False, True]
+    with pytest.raises(ConfigError, match=r"model\.feature_groups\.wide' feeds the linear part.*model\.linear"):
+        registry.model_config("xdeepfm", {"feature_groups": groups, "linear": False})
+
+
+@pytest.mark.parametrize("name", ["widedeep", "deepfm", "xdeepfm"])
 def test_groups_of_every_feature_change_nothing(name: str) -> None:
     schema = criteo_schema(num_dense=2, num_sparse=3, rows=[ROWS] * 3, dim=DIM)
     every = schema.sparse_names + schema.dense_names
@@ -270,6 +281,7 @@ def test_group_config_errors_name_the_key(groups: dict[str, list[str]], match: s
 @pytest.mark.parametrize(("name", "groups"), [
     ("widedeep", {"wide": ["C1xC2", "I1", "I2"], "deep": ["C1", "C2"]}),
     ("deepfm", {"wide": ["C1", "I2"], "fm": ["C1", "C2", "I1"], "deep": ["C2", "C1xC2", "I2"]}),
+    ("xdeepfm", {"wide": ["C1xC2", "I1", "I2"], "deep": ["C1", "C2"]}),
 ])
 def test_grouped_models_script_for_serving(name: str, groups: dict[str, list[str]]) -> None:
     # A part whose group has no dense feature, another reading some columns: `shardrec export` scripts both.
