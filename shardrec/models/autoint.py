@@ -14,11 +14,13 @@ from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
     DenseFieldEmbedding,
-    build_ebc,
+    build_ebc_if_tables,
+    check_dense_embedding_dim,
     check_features,
     check_layer_sizes,
-    pooled_by_feature,
-    shared_embedding_dim,
+    field_dim,
+    pooled_embeddings,
+    stack_fields,
 )
 from shardrec.models.registry import register
 
@@ -37,8 +39,12 @@ class AutoIntConfig:
     """Add the residual projection W_res e_m inside each interacting layer's ReLU."""
     deep_layer_sizes: list[int] | None = None
     """Hidden widths of a deep MLP over the field embeddings whose logit is added (AutoInt+, e.g. [400, 400])."""
+    dense_embedding_dim: int | None = None
+    """Width of an embedded dense field in a schema without tables (dense features alone); unset:
+    the tables' embedding_dim."""
 
     def __post_init__(self) -> None:
+        check_dense_embedding_dim(self.dense_embedding_dim)
         for key in ("num_attention_layers", "num_heads", "attention_dim"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'model.{key}' must be >= 1, got {getattr(self, key)}")
@@ -91,7 +97,8 @@ class AutoInt(nn.Module):
     The fields are each sparse feature's pooled embedding and each dense feature times its own
     learned vector; they go through the interacting layers, and one Linear over all fields' outputs
     gives the logit (plus a deep MLP's logit over the field embeddings for AutoInt+). All tables must
-    share one embedding_dim D; the paper averages multi-hot bags (``pooling: mean``).
+    share one embedding_dim D (``model.dense_embedding_dim`` without tables); the paper averages
+    multi-hot bags (``pooling: mean``). Either kind of field may be missing from the schema.
 
     Example::
 
@@ -107,11 +114,13 @@ class AutoInt(nn.Module):
     def __init__(self, *, schema: FeatureSchema, config: AutoIntConfig, device: torch.device) -> None:
         super().__init__()
         check_features(schema, model="autoint")
-        dim = shared_embedding_dim(schema, model="autoint")
+        dim = field_dim(schema, configured=config.dense_embedding_dim, model="autoint")
         self.feature_names = schema.sparse_names
         num_fields = len(self.feature_names) + len(schema.dense)
-        self.ebc = build_ebc(schema, device=device)
-        self.dense_embedding = DenseFieldEmbedding(len(schema.dense), dim, init="normal", device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
+        self.dense_embedding = (
+            DenseFieldEmbedding(len(schema.dense), dim, init="normal", device=device) if schema.dense else None
+        )
         out = config.num_heads * config.attention_dim
         widths = [dim] + [out] * (config.num_attention_layers - 1)
         self.interacting = nn.ModuleList(
@@ -126,8 +135,8 @@ class AutoInt(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
-        sparse = torch.stack(pooled_by_feature(self.ebc(sparse_features), self.feature_names), dim=1)
-        e = torch.cat([sparse, self.dense_embedding(dense_features)], dim=1)
+        dense = None if self.dense_embedding is None else self.dense_embedding(dense_features)
+        e = stack_fields(pooled_embeddings(self.ebc, sparse_features, self.feature_names), dense)
         x = e
         for layer in self.interacting:
             x = layer(x)

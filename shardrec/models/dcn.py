@@ -12,11 +12,11 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
-    build_ebc,
+    build_ebc_if_tables,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
-    pooled_by_feature,
+    pooled_embeddings,
 )
 from shardrec.models.registry import register
 
@@ -65,7 +65,7 @@ class DCN(nn.Module):
 
     x0 = [pooled embeddings, dense features] goes through a cross network and, in parallel, a deep
     ReLU network; their outputs, concatenated, go through one Linear to the logit. Tables may have
-    different embedding_dims.
+    different embedding_dims; x0 may hold embeddings alone or dense values alone.
 
     Example::
 
@@ -82,7 +82,7 @@ class DCN(nn.Module):
         super().__init__()
         check_features(schema, model="dcn")
         self.feature_names = schema.sparse_names
-        self.ebc = build_ebc(schema, device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
         d = embedding_output_dim(schema) + len(schema.dense)
         self.cross = nn.ModuleList(CrossLayer(d, device=device) for _ in range(config.num_cross_layers))
         self.deep = MLP(d, config.deep_layer_sizes, device=device)
@@ -90,7 +90,7 @@ class DCN(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
-        emb = pooled_by_feature(self.ebc(sparse_features), self.feature_names)
+        emb = pooled_embeddings(self.ebc, sparse_features, self.feature_names)
         x0 = torch.cat([*emb, dense_features], dim=1)
         x = x0
         for layer in self.cross:

@@ -14,11 +14,11 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
-    build_ebc,
+    build_ebc_if_tables,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
-    pooled_by_feature,
+    pooled_embeddings,
 )
 from shardrec.models.registry import register
 
@@ -161,7 +161,7 @@ class DCNv2(nn.Module):
 
     x0 = [pooled embeddings, dense features]. Stacked: x0 -> cross network -> deep network -> Linear
     to the logit. Parallel: [cross network(x0), deep network(x0)] -> Linear to the logit. Tables may
-    have different embedding_dims.
+    have different embedding_dims; x0 may hold embeddings alone or dense values alone.
 
     Example::
 
@@ -179,7 +179,7 @@ class DCNv2(nn.Module):
         check_features(schema, model="dcnv2")
         self.feature_names = schema.sparse_names
         self.parallel = config.structure == "parallel"
-        self.ebc = build_ebc(schema, device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
         d = embedding_output_dim(schema) + len(schema.dense)
         self.cross = nn.ModuleList(build_cross_layer(d, config, device=device) for _ in range(config.num_cross_layers))
         self.deep = MLP(d, config.deep_layer_sizes, device=device)
@@ -188,7 +188,7 @@ class DCNv2(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
-        emb = pooled_by_feature(self.ebc(sparse_features), self.feature_names)
+        emb = pooled_embeddings(self.ebc, sparse_features, self.feature_names)
         x0 = torch.cat([*emb, dense_features], dim=1)
         x = x0
         for layer in self.cross:

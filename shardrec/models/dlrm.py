@@ -27,7 +27,8 @@ class DLRMConfig:
     """The ``model`` section for ``name: dlrm``."""
 
     dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 16])
-    """Bottom MLP widths over the dense features; the last must equal the tables' embedding_dim."""
+    """Bottom MLP widths over the dense features; the last must equal the tables' embedding_dim
+    (unused when the schema has no dense features)."""
     over_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 32, 1])
     """Top MLP widths over [bottom output, interactions]; the last must be 1 (the logit; a multiclass
     label's num_classes take its place)."""
@@ -52,17 +53,19 @@ def _strict_upper_triangle(z: torch.Tensor) -> torch.Tensor:
     return z[:, index[0], index[1]]
 
 
-def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-    """Dot products of every pair among [dense, sparse_1, ..., sparse_F].
+def dot_interaction(dense: torch.Tensor | None, sparse: torch.Tensor) -> torch.Tensor:
+    """Dot products of every pair among [dense, sparse_1, ..., sparse_F] (without dense: among the
+    sparse embeddings alone).
 
     Args:
-        dense: bottom MLP output ``[B, D]``.
+        dense: bottom MLP output ``[B, D]``, or None for a schema without dense features.
         sparse: pooled embeddings ``[B, F, D]``.
 
     Returns:
-        ``[B, (F + 1) * F / 2]``: <x_i, x_j> for i < j, row-major over the strict upper triangle.
+        ``[B, (F + 1) * F / 2]`` (``[B, F * (F - 1) / 2]`` without dense): <x_i, x_j> for i < j,
+        row-major over the strict upper triangle.
     """
-    x = torch.cat([dense.unsqueeze(1), sparse], dim=1)
+    x = sparse if dense is None else torch.cat([dense.unsqueeze(1), sparse], dim=1)
     return _strict_upper_triangle(torch.bmm(x, x.transpose(1, 2)))
 
 
@@ -72,7 +75,8 @@ class DLRM(nn.Module):
 
     Dense features go through a bottom MLP to the embedding width D; the pairwise dot products of
     [bottom output, each feature's pooled embedding], concatenated with the bottom output, go
-    through a top MLP to one logit.
+    through a top MLP to one logit. Without dense features there is no bottom MLP: the top MLP
+    reads the pairwise dot products of the embeddings alone.
 
     Example::
 
@@ -87,22 +91,37 @@ class DLRM(nn.Module):
 
     def __init__(self, *, schema: FeatureSchema, config: DLRMConfig, device: torch.device) -> None:
         super().__init__()
-        check_features(schema, model="dlrm")
+        check_features(schema, model="dlrm", needs_ids="its interaction layer takes dot products of id embeddings")
         dim = shared_embedding_dim(schema, model="dlrm")
-        _check_dense_arch(config.dense_arch_layer_sizes, dim)
         self.feature_names = schema.sparse_names
         num_f = len(self.feature_names)
         self.ebc = build_ebc(schema, device=device)
-        self.dense_arch = MLP(len(schema.dense), config.dense_arch_layer_sizes, device=device)
-        over_in = dim + (num_f + 1) * num_f // 2
+        self.dense_arch: MLP | None = None
+        if schema.dense:
+            _check_dense_arch(config.dense_arch_layer_sizes, dim)
+            self.dense_arch = MLP(len(schema.dense), config.dense_arch_layer_sizes, device=device)
+            over_in = dim + (num_f + 1) * num_f // 2
+        else:
+            _check_pairs(num_f)
+            over_in = num_f * (num_f - 1) // 2
         self.over_arch = MLP(over_in, [*config.over_arch_layer_sizes[:-1], schema.output_width], final_activation=False, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
-        dense = self.dense_arch(dense_features)
         sparse = torch.stack(pooled_by_feature(self.ebc(sparse_features), self.feature_names), dim=1)
+        if self.dense_arch is None:
+            return self.over_arch(dot_interaction(None, sparse)).squeeze(-1)
+        dense = self.dense_arch(dense_features)
         interactions = dot_interaction(dense, sparse)
         return self.over_arch(torch.cat([dense, interactions], dim=1)).squeeze(-1)
+
+
+def _check_pairs(num_sparse: int) -> None:
+    if num_sparse < 2:
+        raise ConfigError(
+            "model 'dlrm' without dense features reads only the dot products of pairs of sparse features, and "
+            f"'features.sparse' has {num_sparse}; add a second sparse feature, or a dense feature under 'features.dense'"
+        )
 
 
 def _check_dense_arch(sizes: list[int], dim: int) -> None:

@@ -15,11 +15,13 @@ from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
     DenseFieldEmbedding,
-    build_ebc,
+    build_ebc_if_tables,
+    check_dense_embedding_dim,
     check_features,
     check_layer_sizes,
-    pooled_by_feature,
-    shared_embedding_dim,
+    field_dim,
+    pooled_embeddings,
+    stack_fields,
 )
 from shardrec.models.registry import register
 
@@ -40,8 +42,12 @@ class MaskNetConfig:
     mlp_layer_sizes: list[int] = field(default_factory=lambda: [400, 400])
     """parallel only: widths of the MLP over the concatenated block outputs; a width-1 logit
     layer follows. Serial MaskNet feeds its last block straight to the logit layer."""
+    dense_embedding_dim: int | None = None
+    """Width of an embedded dense field in a schema without tables (dense features alone); unset:
+    the tables' embedding_dim."""
 
     def __post_init__(self) -> None:
+        check_dense_embedding_dim(self.dense_embedding_dim)
         if self.num_blocks <= 0:
             raise ConfigError(f"'model.num_blocks' must be > 0, got {self.num_blocks}")
         if self.block_dim <= 0:
@@ -111,7 +117,8 @@ class MaskNet(nn.Module):
     (SerMaskNet): block 1 masks LN-EMB(V_emb), block i masks block i-1's output, the last block
     feeds the logit layer. Parallel (ParaMaskNet): every block masks LN-EMB(V_emb), and an MLP
     over their concatenated outputs feeds the logit layer. Every mask is computed from V_emb.
-    All tables must share one embedding_dim.
+    All tables must share one embedding_dim (``model.dense_embedding_dim`` without tables); either
+    kind of field may be missing from the schema.
 
     Example::
 
@@ -127,11 +134,13 @@ class MaskNet(nn.Module):
     def __init__(self, *, schema: FeatureSchema, config: MaskNetConfig, device: torch.device) -> None:
         super().__init__()
         check_features(schema, model="masknet")
-        dim = shared_embedding_dim(schema, model="masknet")
+        dim = field_dim(schema, configured=config.dense_embedding_dim, model="masknet")
         self.feature_names = schema.sparse_names
         self.parallel = config.structure == "parallel"
-        self.ebc = build_ebc(schema, device=device)
-        self.dense_embedding = DenseFieldEmbedding(len(schema.dense), dim, init="uniform", device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
+        self.dense_embedding = (
+            DenseFieldEmbedding(len(schema.dense), dim, init="uniform", device=device) if schema.dense else None
+        )
         self.emb_norm = nn.LayerNorm(dim, device=device)
         emb_width = (len(self.feature_names) + len(schema.dense)) * dim
         self.blocks = build_blocks(config, emb_width=emb_width, device=device)
@@ -139,8 +148,8 @@ class MaskNet(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
-        sparse = torch.stack(pooled_by_feature(self.ebc(sparse_features), self.feature_names), dim=1)
-        fields = torch.cat([sparse, self.dense_embedding(dense_features)], dim=1)
+        dense = None if self.dense_embedding is None else self.dense_embedding(dense_features)
+        fields = stack_fields(pooled_embeddings(self.ebc, sparse_features, self.feature_names), dense)
         v_emb = fields.flatten(1)
         ln_emb = self.emb_norm(fields).flatten(1)
         if self.parallel:

@@ -22,11 +22,11 @@ from shardrec.errors import ConfigError
 from shardrec.models.tasks import task_loss
 from shardrec.models.layers import (
     MLP,
-    build_ebc,
+    build_ebc_if_tables,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
-    pooled_by_feature,
+    pooled_embeddings,
 )
 
 
@@ -87,7 +87,8 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: list[float
 
 class MultiTaskModel(nn.Module):
     """Base of the multi-task models: one EBC over every sparse feature, the input
-    ``x = [pooled embeddings, dense]`` and the weighted per-task loss.
+    ``x = [pooled embeddings, dense]`` (either part may be missing from the schema; without
+    tables there is no EBC) and the weighted per-task loss.
 
     Args:
         schema: features, tables and labels (one task per label).
@@ -104,12 +105,12 @@ class MultiTaskModel(nn.Module):
         self.tasks = schema.tasks
         self.task_widths = [t.width for t in self.tasks]
         self.task_weights = task_weights(weights, schema=schema)
-        self.ebc = build_ebc(schema, device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
         self.input_dim = embedding_output_dim(schema) + len(schema.dense)
 
     def embed(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """``[B, input_dim]``: every feature's pooled embedding, then the dense features."""
-        return torch.cat([*pooled_by_feature(self.ebc(sparse_features), self.feature_names), dense_features], dim=1)
+        return torch.cat([*pooled_embeddings(self.ebc, sparse_features, self.feature_names), dense_features], dim=1)
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor]:
         """``(logits,)`` in training mode, so that :meth:`loss` scores them; the logits in eval mode."""

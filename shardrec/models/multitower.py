@@ -11,7 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.layers import MLP, build_ebc, check_layer_sizes
+from shardrec.models.layers import MLP, build_ebc_if_tables, check_features, check_layer_sizes
 from shardrec.models.registry import register
 
 
@@ -45,7 +45,8 @@ class MultiTower(nn.Module):
 
     Each group's input is its sparse features' pooled embeddings followed by its dense feature
     values (each in the group's order); each group has its own MLP tower, and a final MLP over the
-    concatenated tower outputs gives one logit. Tables may have different embedding_dims.
+    concatenated tower outputs gives one logit. Tables may have different embedding_dims; a schema
+    of dense features alone has no EBC.
 
     Example::
 
@@ -61,13 +62,12 @@ class MultiTower(nn.Module):
 
     def __init__(self, *, schema: FeatureSchema, config: MultiTowerConfig, device: torch.device) -> None:
         super().__init__()
-        if not schema.sparse:
-            raise ConfigError("model 'multitower' needs at least one sparse feature; add one under 'features.sparse'")
+        check_features(schema, model="multitower")
         self.groups = resolve_groups(config.groups, schema)
         dense_index = {n: i for i, n in enumerate(schema.dense_names)}
         self.sparse_of = {g: [n for n in names if n not in dense_index] for g, names in self.groups.items()}
         self.dense_of = {g: [dense_index[n] for n in names if n in dense_index] for g, names in self.groups.items()}
-        self.ebc = build_ebc(schema, device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
         self.towers = nn.ModuleDict(
             {g: MLP(_group_width(schema, ns), config.tower_layer_sizes, device=device) for g, ns in self.groups.items()}
         )
@@ -76,7 +76,7 @@ class MultiTower(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
-        pooled = self.ebc(sparse_features).to_dict()
+        pooled = {} if self.ebc is None else self.ebc(sparse_features).to_dict()
         outputs = []
         for group, tower in self.towers.items():
             parts = [pooled[n] for n in self.sparse_of[group]]

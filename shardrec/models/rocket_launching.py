@@ -13,11 +13,11 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
-    build_ebc,
+    build_ebc_if_tables,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
-    pooled_by_feature,
+    pooled_embeddings,
 )
 from shardrec.models.registry import register
 from shardrec.models.tasks import task_loss
@@ -56,7 +56,8 @@ class RocketLaunching(nn.Module):
     detached in the hint term: the paper's gradient block, so the hint pulls the light net (and the
     shared layers through it) toward the booster and never the booster toward the light net. In
     training mode forward returns ``(light, booster)`` for :meth:`loss`; in eval mode it returns the
-    light net's logits alone, which is all that serves. Tables may have different embedding_dims.
+    light net's logits alone, which is all that serves. Tables may have different embedding_dims;
+    a schema may have ids alone or dense features alone.
 
     Example::
 
@@ -75,7 +76,7 @@ class RocketLaunching(nn.Module):
         check_features(schema, model="rocket_launching")
         self.feature_names = schema.sparse_names
         self.hint_weight = config.hint_weight
-        self.ebc = build_ebc(schema, device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
         width = embedding_output_dim(schema) + len(schema.dense)
         self.shared: nn.Module = nn.Identity()
         if config.shared_layer_sizes:
@@ -89,7 +90,7 @@ class RocketLaunching(nn.Module):
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training: ``(light, booster)`` logits ``[B]`` each; eval: the light logits ``[B]``."""
-        emb = pooled_by_feature(self.ebc(sparse_features), self.feature_names)
+        emb = pooled_embeddings(self.ebc, sparse_features, self.feature_names)
         shared = self.shared(torch.cat([*emb, dense_features], dim=1))
         light = self.light(shared).squeeze(-1)
         if not self.training:

@@ -13,11 +13,12 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
-    build_ebc,
+    build_ebc_if_tables,
+    check_dense_embedding_dim,
     check_features,
     check_layer_sizes,
-    pooled_by_feature,
-    shared_embedding_dim,
+    field_dim,
+    pooled_embeddings,
 )
 from shardrec.models.registry import register
 
@@ -42,8 +43,12 @@ class WuKongConfig:
     final_layer_sizes: list[int] = field(default_factory=lambda: [512, 512])
     """Hidden widths of the final MLP over the last layer's flattened embeddings; a width-1 logit
     layer follows them."""
+    dense_embedding_dim: int | None = None
+    """Width d of the embeddings in a schema without tables (dense features alone); unset: the
+    tables' embedding_dim."""
 
     def __post_init__(self) -> None:
+        check_dense_embedding_dim(self.dense_embedding_dim)
         for key in ("num_layers", "num_emb_lcb", "num_emb_fmb", "rank"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"'model.{key}' must be > 0, got {getattr(self, key)}")
@@ -141,7 +146,8 @@ class WuKong(nn.Module):
     X_0 stacks each sparse feature's pooled embedding and one embedding an MLP makes from the dense
     features (n = num_sparse + 1 embeddings of width d); ``num_layers`` Wukong layers follow, and
     a final MLP maps the last layer's flattened ``[n_F + n_L, d]`` to one logit. All tables must
-    share one embedding_dim d.
+    share one embedding_dim d (``model.dense_embedding_dim`` without tables). Without dense
+    features X_0 is the sparse embeddings alone; without sparse ones, the dense embedding alone.
 
     Example::
 
@@ -157,18 +163,23 @@ class WuKong(nn.Module):
     def __init__(self, *, schema: FeatureSchema, config: WuKongConfig, device: torch.device) -> None:
         super().__init__()
         check_features(schema, model="wukong")
-        dim = shared_embedding_dim(schema, model="wukong")
+        dim = field_dim(schema, configured=config.dense_embedding_dim, model="wukong")
         self.feature_names = schema.sparse_names
-        self.ebc = build_ebc(schema, device=device)
-        self.dense_arch = MLP(len(schema.dense), [*config.dense_layer_sizes, dim], final_activation=False, device=device)
-        self.layers = build_layers(config, num_in=len(self.feature_names) + 1, dim=dim, device=device)
+        self.ebc = build_ebc_if_tables(schema, device=device)
+        self.dense_arch = (
+            MLP(len(schema.dense), [*config.dense_layer_sizes, dim], final_activation=False, device=device)
+            if schema.dense else None
+        )
+        num_in = len(self.feature_names) + (1 if schema.dense else 0)
+        self.layers = build_layers(config, num_in=num_in, dim=dim, device=device)
         final_in = self.layers[-1].num_out * dim
         self.final = MLP(final_in, [*config.final_layer_sizes, schema.output_width], final_activation=False, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
-        sparse = pooled_by_feature(self.ebc(sparse_features), self.feature_names)
-        x = torch.stack([self.dense_arch(dense_features), *sparse], dim=1)
+        sparse = pooled_embeddings(self.ebc, sparse_features, self.feature_names)
+        dense = [] if self.dense_arch is None else [self.dense_arch(dense_features)]
+        x = torch.stack([*dense, *sparse], dim=1)
         for layer in self.layers:
             x = layer(x)
         return self.final(x.flatten(1)).squeeze(-1)

@@ -13,14 +13,26 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
+    DenseFieldEmbedding,
     FirstOrder,
-    build_ebc,
+    build_ebc_if_tables,
+    check_dense_embedding_dim,
     check_features,
+    check_group_names,
     check_layer_sizes,
-    pooled_by_feature,
-    shared_embedding_dim,
+    field_dim,
+    pooled_embeddings,
+    resolve_groups,
+    select_columns,
+    stack_fields,
 )
 from shardrec.models.registry import register
+
+PARTS = {
+    "wide": "the linear part: id weights and a Linear over dense",
+    "deep": "the CIN's fields and the deep MLP, which share their embeddings",
+}
+"""The groups of ``model.feature_groups`` for xDeepFM, and what each feeds."""
 
 
 @dataclass(kw_only=True)
@@ -35,8 +47,19 @@ class XDeepFMConfig:
     """Hidden widths of the deep MLP; a final width-1 layer producing its logit is added after them."""
     linear: bool = True
     """Add the linear part: ``<table>_linear`` first-order tables over the ids plus a Linear over dense."""
+    dense_embedding_dim: int | None = None
+    """Width of an embedded dense field in a schema without tables (dense features alone); unset:
+    the tables' embedding_dim."""
+    feature_groups: dict[str, list[str]] = field(default_factory=dict)
+    """Features each part reads: ``wide`` (the linear part) and ``deep`` (the CIN's fields, its
+    sparse features, and the MLP); a part left out reads every feature."""
 
     def __post_init__(self) -> None:
+        check_dense_embedding_dim(self.dense_embedding_dim)
+        check_group_names(self.feature_groups, parts=PARTS)
+        if "wide" in self.feature_groups and not self.linear:
+            raise ConfigError("'model.feature_groups.wide' feeds the linear part, which 'model.linear: false' leaves "
+                              "out; remove the group or set 'model.linear: true'")
         check_layer_sizes(self.cin_layer_sizes, key="model.cin_layer_sizes")
         check_layer_sizes(self.deep_layer_sizes, key="model.deep_layer_sizes")
         odd = [h for h in self.cin_layer_sizes[:-1] if h % 2]
@@ -101,7 +124,10 @@ class XDeepFM(nn.Module):
 
     logit = linear part (first-order tables over the ids + Linear over dense; optional) + Linear over
     the CIN's pooled maps of the sparse fields' embeddings + deep MLP over [pooled embeddings, dense].
-    All tables must share one embedding_dim D.
+    All tables must share one embedding_dim D. ``feature_groups`` gives the linear part and the
+    CIN and MLP (which share embeddings) their own features; a deep group of dense features alone
+    gives the CIN one field per dense feature, ``v_j * x_j`` (width ``model.dense_embedding_dim``
+    when no table sets it).
 
     Example::
 
@@ -117,20 +143,31 @@ class XDeepFM(nn.Module):
     def __init__(self, *, schema: FeatureSchema, config: XDeepFMConfig, device: torch.device) -> None:
         super().__init__()
         check_features(schema, model="xdeepfm")
-        dim = shared_embedding_dim(schema, model="xdeepfm")
-        self.feature_names = schema.sparse_names
-        num_fields = len(self.feature_names)
-        self.ebc = build_ebc(schema, device=device)
+        groups = resolve_groups(config.feature_groups, schema, parts=list(PARTS), model="xdeepfm")
+        deep, wide = groups["deep"].schema, groups["wide"]
+        dim = field_dim(deep, configured=config.dense_embedding_dim, model="xdeepfm")
+        self.feature_names = deep.sparse_names
+        self.dense_columns = groups["deep"].dense_columns
+        self.ebc = build_ebc_if_tables(deep, device=device)
+        # The CIN's fields are the sparse features, or the embedded dense ones when there are none.
+        self.dense_embedding = (
+            None if deep.sparse else DenseFieldEmbedding(len(deep.dense), dim, init="normal", device=device)
+        )
+        num_fields = len(self.feature_names) or len(deep.dense)
         self.cin = CIN(num_fields, config.cin_layer_sizes, split_half=config.split_half, device=device)
         self.cin_logit = nn.Linear(self.cin.output_dim, schema.output_width, device=device)
-        deep_in = num_fields * dim + len(schema.dense)
+        deep_in = len(self.feature_names) * dim + len(deep.dense)
         self.deep = MLP(deep_in, [*config.deep_layer_sizes, schema.output_width], final_activation=False, device=device)
-        self.linear = FirstOrder(schema=schema, device=device) if config.linear else None
+        self.linear = (
+            FirstOrder(schema=wide.schema, dense_columns=wide.dense_columns, device=device) if config.linear else None
+        )
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
-        emb = torch.stack(pooled_by_feature(self.ebc(sparse_features), self.feature_names), dim=1)
-        logit = self.cin_logit(self.cin(emb)) + self.deep(torch.cat([emb.flatten(1), dense_features], dim=1))
+        sparse = pooled_embeddings(self.ebc, sparse_features, self.feature_names)
+        dense = select_columns(dense_features, self.dense_columns)
+        fields = stack_fields(sparse, None if self.dense_embedding is None else self.dense_embedding(dense))
+        logit = self.cin_logit(self.cin(fields)) + self.deep(torch.cat([*sparse, dense], dim=1))
         if self.linear is not None:
             logit = logit + self.linear(dense_features, sparse_features)
         return logit.squeeze(-1)

@@ -274,7 +274,9 @@ def _shards(ps: ParameterSharding) -> list[dict[str, Any]]:
 
 
 def format_plan(rows: list[dict[str, Any]]) -> str:
-    """The plan as a fixed-width text table, one line per table."""
+    """The plan as a fixed-width text table, one line per table (a model without tables says so)."""
+    if not rows:
+        return "(no embedding tables: every parameter is dense, replicated on each rank)"
     header = ("table", "rows x dim", "sharding", "kernel", "ranks", "shard shapes")
     lines = [
         (

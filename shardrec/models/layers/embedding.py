@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from shardrec.data.schema import FeatureSchema, TableConfig
 
@@ -21,6 +21,12 @@ def build_ebc(schema: FeatureSchema, *, device: torch.device) -> EmbeddingBagCol
     """One EmbeddingBagConfig per schema table, named, sized and pooled as the table says."""
     configs = [bag_config(t, schema, name=t.name, dim=t.embedding_dim) for t in schema.tables]
     return EmbeddingBagCollection(tables=configs, device=device)
+
+
+def build_ebc_if_tables(schema: FeatureSchema, *, device: torch.device) -> EmbeddingBagCollection | None:
+    """:func:`build_ebc`, or None for a schema without tables: a model of dense features alone holds
+    no EmbeddingBagCollection at all (nothing for the planner to place)."""
+    return build_ebc(schema, device=device) if schema.tables else None
 
 
 def bag_config(table: TableConfig, schema: FeatureSchema, *, name: str, dim: int) -> EmbeddingBagConfig:
@@ -42,6 +48,33 @@ def pooled_by_feature(pooled: KeyedTensor, names: list[str]) -> list[torch.Tenso
     """
     by_name = pooled.to_dict()
     return [by_name[n] for n in names]
+
+
+def pooled_embeddings(
+    ebc: EmbeddingBagCollection | None, sparse_features: KeyedJaggedTensor, names: list[str]
+) -> list[torch.Tensor]:
+    """``ebc``'s pooled output of each feature in ``names`` (:func:`pooled_by_feature`); an empty
+    list when there is no EBC (:func:`build_ebc_if_tables`)."""
+    if ebc is None:
+        return []
+    return pooled_by_feature(ebc(sparse_features), names)
+
+
+def stack_fields(pooled: list[torch.Tensor], dense_fields: torch.Tensor | None) -> torch.Tensor:
+    """``[B, F, D]``: the sparse features' pooled embeddings, then the embedded dense fields
+    (``[B, num_dense, D]`` or None); either part may be missing, not both."""
+    parts = ([torch.stack(pooled, dim=1)] if pooled else []) + ([dense_fields] if dense_fields is not None else [])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def select_columns(dense_features: torch.Tensor, columns: list[int] | None) -> torch.Tensor:
+    """The ``columns`` of ``dense_features`` ``[B, num_dense]`` (a feature group's), or all of them for None."""
+    if columns is None:
+        return dense_features
+    if not columns:
+        # A slice, not an index by []: TorchScript (shardrec export) reads an empty list as List[Tensor].
+        return dense_features[:, :0]
+    return dense_features[:, columns]
 
 
 def embedding_output_dim(schema: FeatureSchema) -> int:

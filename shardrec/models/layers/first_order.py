@@ -9,7 +9,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
-from shardrec.models.layers.embedding import bag_config
+from shardrec.models.layers.embedding import bag_config, select_columns
 
 LINEAR_SUFFIX = "_linear"
 """Suffix of the first-order tables that wide/linear parts add next to each schema table."""
@@ -31,17 +31,28 @@ def build_linear_ebc(schema: FeatureSchema, *, device: torch.device) -> Embeddin
 class FirstOrder(nn.Module):
     """Linear model over the raw features: one learned weight per id plus a Linear over dense.
 
+    A schema without tables has no id weights, one without dense features no Linear (and so no
+    bias: the models that hold a FirstOrder add their own).
+
     Args:
         schema: features and tables; ``ebc`` gets one table ``f"{table}_linear"`` each.
+        dense_columns: where ``schema``'s dense features are in the dense tensor (a feature
+            group's); None: it holds exactly them.
         device: where the weights are created.
     """
 
-    def __init__(self, *, schema: FeatureSchema, device: torch.device) -> None:
+    def __init__(self, *, schema: FeatureSchema, dense_columns: list[int] | None = None, device: torch.device) -> None:
         super().__init__()
-        self.ebc = build_linear_ebc(schema, device=device)
-        self.dense = nn.Linear(len(schema.dense), 1, device=device)
+        self.dense_columns = dense_columns
+        self.ebc = build_linear_ebc(schema, device=device) if schema.tables else None
+        self.dense = nn.Linear(len(schema.dense), 1, device=device) if schema.dense else None
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns ``[B, 1]``: the sum of every feature's id weights plus the dense Linear."""
+        if self.ebc is None:
+            return self.dense(select_columns(dense_features, self.dense_columns))  # type: ignore[misc]
         # Each key's pooled output is one column, so summing all columns needs no per-key split.
-        return self.ebc(sparse_features).values().sum(dim=1, keepdim=True) + self.dense(dense_features)
+        ids = self.ebc(sparse_features).values().sum(dim=1, keepdim=True)
+        if self.dense is None:
+            return ids
+        return ids + self.dense(select_columns(dense_features, self.dense_columns))
