@@ -3,7 +3,7 @@ with residual connections; AutoInt+ adds a deep MLP."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -12,11 +12,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
-    MLP,
     DenseFieldEmbedding,
+    MLPConfig,
     build_ebc,
     check_features,
     check_layer_sizes,
+    mlp_block,
     pooled_by_feature,
     shared_embedding_dim,
 )
@@ -37,6 +38,8 @@ class AutoIntConfig:
     """Add the residual projection W_res e_m inside each interacting layer's ReLU."""
     deep_layer_sizes: list[int] | None = None
     """Hidden widths of a deep MLP over the field embeddings whose logit is added (AutoInt+, e.g. [400, 400])."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The deep MLP of AutoInt+ (with ``deep_layer_sizes``): activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         for key in ("num_attention_layers", "num_heads", "attention_dim"):
@@ -122,7 +125,8 @@ class AutoInt(nn.Module):
         )
         self.logit = nn.Linear(num_fields * out, 1, device=device)
         deep = config.deep_layer_sizes
-        self.deep = MLP(num_fields * dim, [*deep, 1], final_activation=False, device=device) if deep else None
+        self.deep = (mlp_block(num_fields * dim, [*deep, 1], config=config.mlp, key="model.mlp", logit=True, device=device)
+                     if deep else None)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

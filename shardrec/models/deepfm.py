@@ -11,11 +11,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.models.layers import (
-    MLP,
     FirstOrder,
+    MLPConfig,
     build_ebc,
     check_features,
     check_layer_sizes,
+    mlp_block,
     pooled_by_feature,
     shared_embedding_dim,
 )
@@ -28,6 +29,8 @@ class DeepFMConfig:
 
     deep_layer_sizes: list[int] = field(default_factory=lambda: [128, 64])
     """Hidden widths of the deep MLP; a final width-1 layer producing its logit is added after them."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The deep MLP: activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.deep_layer_sizes, key="model.deep_layer_sizes")
@@ -76,7 +79,7 @@ class DeepFM(nn.Module):
         self.ebc = build_ebc(schema, device=device)
         self.first_order = FirstOrder(schema=schema, device=device)
         deep_in = len(self.feature_names) * dim + len(schema.dense)
-        self.deep = MLP(deep_in, [*config.deep_layer_sizes, 1], final_activation=False, device=device)
+        self.deep = mlp_block(deep_in, [*config.deep_layer_sizes, 1], config=config.mlp, key="model.mlp", logit=True, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

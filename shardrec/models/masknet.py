@@ -13,11 +13,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
-    MLP,
     DenseFieldEmbedding,
+    MLPConfig,
     build_ebc,
     check_features,
     check_layer_sizes,
+    mlp_block,
     pooled_by_feature,
     shared_embedding_dim,
 )
@@ -40,6 +41,8 @@ class MaskNetConfig:
     mlp_layer_sizes: list[int] = field(default_factory=lambda: [400, 400])
     """parallel only: widths of the MLP over the concatenated block outputs; a width-1 logit
     layer follows. Serial MaskNet feeds its last block straight to the logit layer."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """parallel only: the MLP over the block outputs: activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         if self.num_blocks <= 0:
@@ -173,7 +176,7 @@ def build_head(config: MaskNetConfig, *, device: torch.device) -> nn.Module:
     if config.structure == "serial":
         return nn.Linear(config.block_dim, 1, device=device)
     width = config.num_blocks * config.block_dim
-    return MLP(width, [*config.mlp_layer_sizes, 1], final_activation=False, device=device)
+    return mlp_block(width, [*config.mlp_layer_sizes, 1], config=config.mlp, key="model.mlp", logit=True, device=device)
 
 
 @register("masknet", MaskNetConfig)

@@ -11,12 +11,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.models.layers import (
-    MLP,
     FirstOrder,
+    MLPConfig,
     build_ebc,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
+    mlp_block,
     pooled_by_feature,
 )
 from shardrec.models.registry import register
@@ -28,6 +29,8 @@ class WideDeepConfig:
 
     deep_layer_sizes: list[int] = field(default_factory=lambda: [128, 64])
     """Hidden widths of the deep MLP; a final width-1 layer producing its logit is added after them."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The deep MLP: activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.deep_layer_sizes, key="model.deep_layer_sizes")
@@ -57,7 +60,7 @@ class WideDeep(nn.Module):
         self.ebc = build_ebc(schema, device=device)
         self.wide = FirstOrder(schema=schema, device=device)
         deep_in = embedding_output_dim(schema) + len(schema.dense)
-        self.deep = MLP(deep_in, [*config.deep_layer_sizes, 1], final_activation=False, device=device)
+        self.deep = mlp_block(deep_in, [*config.deep_layer_sizes, 1], config=config.mlp, key="model.mlp", logit=True, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

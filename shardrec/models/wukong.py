@@ -13,9 +13,11 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
+    MLPConfig,
     build_ebc,
     check_features,
     check_layer_sizes,
+    mlp_block,
     pooled_by_feature,
     shared_embedding_dim,
 )
@@ -42,6 +44,12 @@ class WuKongConfig:
     final_layer_sizes: list[int] = field(default_factory=lambda: [512, 512])
     """Hidden widths of the final MLP over the last layer's flattened embeddings; a width-1 logit
     layer follows them."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """Activation, dropout, norm of the dense and final MLPs (:class:`shardrec.models.layers.MLPConfig`; the FMBs' MLPs keep ReLU); ``dense_mlp`` and ``final_mlp`` override it key by key."""
+    dense_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The MLP embedding the dense features (its last layer linear by default); unset keys: ``mlp``'s."""
+    final_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The final MLP, ending in the logit; unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "num_emb_lcb", "num_emb_fmb", "rank"):
@@ -160,10 +168,12 @@ class WuKong(nn.Module):
         dim = shared_embedding_dim(schema, model="wukong")
         self.feature_names = schema.sparse_names
         self.ebc = build_ebc(schema, device=device)
-        self.dense_arch = MLP(len(schema.dense), [*config.dense_layer_sizes, dim], final_activation=False, device=device)
+        self.dense_arch = mlp_block(len(schema.dense), [*config.dense_layer_sizes, dim], config=config.dense_mlp.over(config.mlp),
+                                    key="model.dense_mlp", device=device)
         self.layers = build_layers(config, num_in=len(self.feature_names) + 1, dim=dim, device=device)
         final_in = self.layers[-1].num_out * dim
-        self.final = MLP(final_in, [*config.final_layer_sizes, 1], final_activation=False, device=device)
+        self.final = mlp_block(final_in, [*config.final_layer_sizes, 1], config=config.final_mlp.over(config.mlp), key="model.final_mlp",
+                               logit=True, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

@@ -12,11 +12,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
-    MLP,
     FirstOrder,
+    MLPConfig,
     build_ebc,
     check_features,
     check_layer_sizes,
+    mlp_block,
     pooled_by_feature,
     shared_embedding_dim,
 )
@@ -35,6 +36,8 @@ class XDeepFMConfig:
     """Hidden widths of the deep MLP; a final width-1 layer producing its logit is added after them."""
     linear: bool = True
     """Add the linear part: ``<table>_linear`` first-order tables over the ids plus a Linear over dense."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The deep MLP: activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.cin_layer_sizes, key="model.cin_layer_sizes")
@@ -124,7 +127,7 @@ class XDeepFM(nn.Module):
         self.cin = CIN(num_fields, config.cin_layer_sizes, split_half=config.split_half, device=device)
         self.cin_logit = nn.Linear(self.cin.output_dim, 1, device=device)
         deep_in = num_fields * dim + len(schema.dense)
-        self.deep = MLP(deep_in, [*config.deep_layer_sizes, 1], final_activation=False, device=device)
+        self.deep = mlp_block(deep_in, [*config.deep_layer_sizes, 1], config=config.mlp, key="model.mlp", logit=True, device=device)
         self.linear = FirstOrder(schema=schema, device=device) if config.linear else None
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:

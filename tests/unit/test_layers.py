@@ -37,10 +37,10 @@ def test_mlp_activation_sets_the_layer_between_linears(activation: str, name: st
         assert [p.numel() for p in mlp[1].parameters()] == [4] and [p.numel() for p in mlp[3].parameters()] == [5]
 
 
-def test_mlp_dropout_follows_hidden_activations_only() -> None:
+def test_mlp_dropout_follows_every_activation() -> None:
     assert _types(MLP(3, [4, 2], dropout=0.5, final_activation=False, device=CPU)) == ["Linear", "ReLU", "Dropout", "Linear"]
     # A zero rate keeps its Dropout, so parameter names (ffn.3.weight) do not depend on the rate.
-    assert _types(MLP(3, [4, 2], dropout=0.0, device=CPU)) == ["Linear", "ReLU", "Dropout", "Linear", "ReLU"]
+    assert _types(MLP(3, [4, 2], dropout=0.0, device=CPU)) == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout"]
     assert "Dropout" not in _types(MLP(3, [4, 2], device=CPU))
 
 
