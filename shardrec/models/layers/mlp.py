@@ -25,6 +25,7 @@ class BatchNorm(nn.BatchNorm1d):
     In training, ``mask [...]`` (the real positions of a padded sequence) restricts the batch
     statistics, and their running averages, to the real positions; padded positions come out as 0.
     In eval the running statistics normalize every position, so rows do not depend on each other.
+    Always tracks running statistics with a fixed ``momentum`` (BatchNorm1d's 0.1 by default).
 
     Example::
 
@@ -34,11 +35,19 @@ class BatchNorm(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., C]`` -> ``[..., C]``."""
-        flat = x.reshape(-1, x.size(-1))
+        flat = x.reshape(-1, self.num_features)
         if self.training and mask is not None:
             keep = mask.reshape(-1)
-            return torch.zeros_like(flat).index_put((keep,), super().forward(flat[keep])).reshape(x.shape)
-        return super().forward(flat).reshape(x.shape)
+            return torch.zeros_like(flat).index_put((keep,), self._normalize(flat[keep])).reshape(x.shape)
+        return self._normalize(flat).reshape(x.shape)
+
+    def _normalize(self, flat: torch.Tensor) -> torch.Tensor:
+        # F.batch_norm directly: BatchNorm1d.forward branches on the input's rank, which the
+        # training pipeline's and the exporter's fx tracers cannot evaluate.
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return nn.functional.batch_norm(flat, self.running_mean, self.running_var, self.weight, self.bias,
+                                        self.training, self.momentum, self.eps)
 
 
 class MLP(nn.Sequential):
