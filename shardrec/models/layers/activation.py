@@ -74,9 +74,13 @@ class Dice(nn.Module):
         """``x [..., C]``; ``mask [...]`` marks the positions the batch statistics are taken over."""
         if self.training:
             mean, var = self._batch_stats(x, mask)
+            p = torch.sigmoid((x - mean) / torch.sqrt(var + self.eps))
         else:
-            mean, var = self.running_mean, self.running_var
-        p = torch.sigmoid((x - mean) / torch.sqrt(var + self.eps))
+            # batch_norm takes the statistics as arguments of an op on x, so fx (export) keeps them
+            # buffers; ``var + eps`` alone would be folded into a constant.
+            flat = x.reshape(-1, self.num_features)
+            p = torch.sigmoid(nn.functional.batch_norm(flat, self.running_mean, self.running_var, training=False,
+                                                       eps=self.eps).reshape(x.shape))
         return p * x + (1 - p) * self.alpha * x
 
     def _batch_stats(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
