@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 import pytest
@@ -67,7 +68,10 @@ def _model_and_batch(name: str, tmp: Path) -> tuple[nn.Module, torch.Tensor, Key
     return model.eval(), dense, kjt
 
 
-def _assert_rows_alone_match(score, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+Score = Callable[[torch.Tensor, KeyedJaggedTensor], torch.Tensor]
+
+
+def _assert_rows_alone_match(score: Score, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
     """``score(dense, kjt)`` of the whole batch, after checking each of ROWS alone against it."""
     with torch.no_grad():
         full = score(dense, kjt)
@@ -98,7 +102,8 @@ def test_exported_scores_do_not_depend_on_the_batch(name: str, tmp_path: Path) -
     if registry.get(name).retrieval:
         items = pq.read_table(write_catalogue(tmp_path / "items.parquet", **RETRIEVAL_DATA.get(name, {})))
         towers = TwoTowers(served, schema=schema, items=items)
-        module, eager = towers.user, model.user_vectors
+        module: nn.Module = towers.user
+        eager: Score = model.user_vectors
         values, lengths = tower_inputs(kjt, towers.user_inputs)
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=towers.user_inputs, values=values, lengths=lengths)
     else:

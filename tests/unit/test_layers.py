@@ -6,6 +6,7 @@ the dense field embedding's two initializations."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -148,7 +149,7 @@ def test_position_embedding_adds_one_vector_per_position() -> None:
 
 
 @pytest.mark.parametrize(("activation", "fn"), [("silu", nn.functional.silu), ("sigmoid", torch.sigmoid), ("tanh", torch.tanh)])
-def test_plain_activations_added(activation: str, fn) -> None:  # type: ignore[no-untyped-def]
+def test_plain_activations_added(activation: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     mlp = MLP(3, [4], activation=activation, device=CPU)  # type: ignore[arg-type]
     x = torch.randn(5, 3)
     torch.testing.assert_close(mlp(x), fn(mlp[0](x)))

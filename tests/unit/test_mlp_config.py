@@ -4,15 +4,18 @@ running statistics set to their true values after a meta model is materialized."
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import sequence_schema
+from helpers import sequence_schema, tiny_job_dict
+from shardrec.config import apply_overrides, build
 from shardrec.data.schema import criteo_schema
 from shardrec.errors import ConfigError
+from shardrec.job import JobConfig
 from shardrec.models import registry
 from shardrec.models.layers import MLPConfig
 from shardrec.train.weight_init import init_dense
@@ -138,3 +141,12 @@ def test_init_dense_sets_running_statistics_of_a_materialized_model() -> None:
         assert int(bn.num_batches_tracked) == 0
     dice = [m for m in dice_model.modules() if type(m).__name__ == "Dice"]
     assert dice and all(torch.equal(d.running_var, torch.ones(d.num_features)) for d in dice)
+
+
+def test_command_line_overrides_reach_a_block(tmp_path: Path) -> None:
+    job = tiny_job_dict(tmp_path, rows=64)
+    apply_overrides(job, ["--model.mlp.norm=batch", "--model.over_arch_mlp.dropout=0.1"])
+    config = registry.model_config("dlrm", build(JobConfig, job, key="").model_params)
+    assert config.mlp == MLPConfig(norm="batch") and config.over_arch_mlp == MLPConfig(dropout=0.1)
+    with pytest.raises(ConfigError, match=r"'model\.dense_arch_mlp\.norm'"):
+        build(JobConfig, apply_overrides(job, ["--model.dense_arch_mlp.norm=bn"]), key="")
