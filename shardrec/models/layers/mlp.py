@@ -125,8 +125,8 @@ class MLPConfig:
     """How a model's MLP blocks are made: the ``model.mlp`` section, and a model's per-block
     sections (``model.tower_mlp``, ...), whose unset keys fall back to ``model.mlp``'s.
 
-    Every key unset keeps the model as it is without the section (the same parameters, named the
-    same, so older checkpoints still load).
+    Every key unset keeps the model as it is without the section: the same layers, parameters named
+    the same and initialized the same (docs/models.md, "MLP blocks").
 
     Example (YAML)::
 
