@@ -28,6 +28,8 @@ STEPS = 6
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 Stats = dict[str, torch.Tensor]
+Trained = tuple[JobConfig, Path, list[tuple[Stats, ...]]]
+"""The job, its run folder, and each rank's statistics once placed and after training."""
 
 
 def _stats(trainer: Trainer) -> dict[str, np.ndarray]:
@@ -37,33 +39,36 @@ def _stats(trainer: Trainer) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.named_buffers() if k.rsplit(".", 1)[-1] in STATS}
 
 
-def _rank(job: JobConfig, run_dir: Path, resume: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """On one rank: the statistics once the model is placed, and after training (or a resume)."""
+def _rank(job: JobConfig, run_dir: Path, resume: list[Path]) -> list[dict[str, np.ndarray]]:
+    """On one rank: the statistics once the model is placed, then after training (no ``resume``)
+    or after resuming from each of ``resume`` in turn."""
     ctx = init_distributed(compute_device="cpu", timeout_s=120)
     try:
         trainer = Trainer(job, ctx=ctx, run_dir=run_dir, data=DataPaths(job.data.train_path, job.data.eval_path))
-        placed = _stats(trainer)
-        if resume is not None:
-            trainer.resume(resume)
-        else:
+        out = [_stats(trainer)]
+        if not resume:
             trainer.fit()
-        return placed, _stats(trainer)
+            out.append(_stats(trainer))
+        for path in resume:
+            trainer.resume(path)
+            out.append(_stats(trainer))
+        return out
     finally:
         shutdown()
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobConfig, Path, list[tuple[Stats, Stats]]]:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     tmp = tmp_path_factory.mktemp("stats")
     job_dict = tiny_job_dict(tmp, model="din", steps=STEPS, checkpoint={"enabled": True, "interval": 0})
     job_dict["model"]["mlp"] = {"norm": "batch"}
     job = build(JobConfig, job_dict, key="")
     run_dir = tmp / "run"
     run_dir.mkdir()
-    return job, run_dir, [_tensors(r) for r in run_ranks(_rank, job, run_dir, None)]
+    return job, run_dir, [_tensors(r) for r in run_ranks(_rank, job, run_dir, [])]
 
 
-def _tensors(stats: tuple[dict[str, np.ndarray], ...]) -> tuple[Stats, ...]:
+def _tensors(stats: list[dict[str, np.ndarray]]) -> tuple[Stats, ...]:
     return tuple({k: torch.from_numpy(v) for k, v in s.items()} for s in stats)
 
 
@@ -78,7 +83,7 @@ def _assert_equal(got: Stats, want: Stats) -> None:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
-def test_statistics_start_true_on_every_rank(trained: tuple[JobConfig, Path, list[tuple[Stats, Stats]]]) -> None:
+def test_statistics_start_true_on_every_rank(trained: Trained) -> None:
     _, _, ranks = trained
     for placed, _ in ranks:
         # Two hidden layers in each MLP, each with a BatchNorm (mean, var, count) and a Dice (mean, var).
@@ -89,7 +94,7 @@ def test_statistics_start_true_on_every_rank(trained: tuple[JobConfig, Path, lis
 
 
 def test_trained_statistics_are_one_value_on_every_rank_and_saved_bit_for_bit(
-    trained: tuple[JobConfig, Path, list[tuple[Stats, Stats]]],
+    trained: Trained,
 ) -> None:
     _, run_dir, ranks = trained
     (_, final0), (_, final1) = ranks
@@ -101,19 +106,21 @@ def test_trained_statistics_are_one_value_on_every_rank_and_saved_bit_for_bit(
     _assert_equal(_saved(run_dir / "checkpoints" / f"step-{STEPS:08d}", final0), final0)
 
 
-def test_statistics_survive_reshard_and_resume(trained: tuple[JobConfig, Path, list[tuple[Stats, Stats]]], tmp_path: Path) -> None:
+def test_statistics_survive_resume_and_reshard(trained: Trained, tmp_path: Path) -> None:
     job, run_dir, ranks = trained
     want = ranks[0][1]
     step = run_dir / "checkpoints" / f"step-{STEPS:08d}"
     moved = tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}"
     reshard_checkpoint(step, plan=run_dir / "plan.json", out=moved)
     _assert_equal(_saved(moved, want), want)
-    for _, resumed in map(_tensors, run_ranks(_rank, job, tmp_path / "run", moved)):
+    for placed, resumed, resumed_resharded in map(_tensors, run_ranks(_rank, job, tmp_path / "run", [step, moved])):
+        assert not torch.equal(placed["mlp.1.running_var"], want["mlp.1.running_var"])
         _assert_equal(resumed, want)
+        _assert_equal(resumed_resharded, want)
 
 
 def test_export_carries_the_statistics_and_scores_as_eager(
-    trained: tuple[JobConfig, Path, list[tuple[Stats, Stats]]], tmp_path: Path,
+    trained: Trained, tmp_path: Path,
 ) -> None:
     job, run_dir, ranks = trained
     step = run_dir / "checkpoints" / f"step-{STEPS:08d}"
