@@ -14,7 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.layers import MLP
+from shardrec.models.layers import MLP, mlp_block
 from shardrec.models.multitask import MultiTaskConfig, MultiTaskModel, require_labels, weighted_bce
 from shardrec.models.registry import register
 from shardrec.models.tasks import require_binary
@@ -23,7 +23,8 @@ from shardrec.models.tasks import require_binary
 @dataclass(kw_only=True)
 class AITMConfig(MultiTaskConfig):
     """The ``model`` section for ``name: aitm``; the last tower width is the width d of the vectors
-    the tasks pass on."""
+    the tasks pass on. ``mlp`` and ``tower_mlp`` set the task towers (ReLU after every layer by
+    default); the one-layer transfers between tasks and the logit layers keep their own form."""
 
     calibrator_weight: float = 0.6
     """Weight alpha of the behavioral expectation calibrator (the paper's 0.6)."""
@@ -97,7 +98,12 @@ class AITM(MultiTaskModel):
         self.calibrator_weight = config.calibrator_weight
         dim = config.tower_layer_sizes[-1]
         steps = range(self.num_tasks)
-        self.towers = nn.ModuleList(MLP(self.input_dim, config.tower_layer_sizes, device=device) for _ in steps)
+        tower = config.tower_mlp.over(config.mlp)
+        self.towers = nn.ModuleList(
+            mlp_block(self.input_dim, config.tower_layer_sizes, config=tower, key="model.tower_mlp", final_activation=True,
+                      device=device)
+            for _ in steps
+        )
         self.transfers = nn.ModuleList(MLP(dim, [dim], device=device) for _ in steps[1:])
         self.attention = nn.ModuleList(InformationTransfer(dim, device=device) for _ in steps[1:])
         self.logits = nn.ModuleList(nn.Linear(dim, 1, device=device) for _ in steps)

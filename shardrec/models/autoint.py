@@ -3,7 +3,7 @@ with residual connections; AutoInt+ adds a deep MLP."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -12,13 +12,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
-    MLP,
     DenseFieldEmbedding,
+    MLPConfig,
     build_ebc_if_tables,
     check_dense_embedding_dim,
     check_features,
     check_layer_sizes,
     field_dim,
+    mlp_block,
     pooled_embeddings,
     stack_fields,
 )
@@ -42,6 +43,8 @@ class AutoIntConfig:
     dense_embedding_dim: int | None = None
     """Width of an embedded dense field in a schema without tables (dense features alone); unset:
     the tables' embedding_dim."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The deep MLP of AutoInt+ (with ``deep_layer_sizes``): activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         check_dense_embedding_dim(self.dense_embedding_dim)
@@ -131,7 +134,8 @@ class AutoInt(nn.Module):
         )
         self.logit = nn.Linear(num_fields * out, schema.output_width, device=device)
         deep = config.deep_layer_sizes
-        self.deep = MLP(num_fields * dim, [*deep, schema.output_width], final_activation=False, device=device) if deep else None
+        self.deep = (mlp_block(num_fields * dim, [*deep, schema.output_width], config=config.mlp, key="model.mlp", logit=True,
+                               device=device) if deep else None)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

@@ -11,7 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.layers import MLP, PositionEmbedding, TransformerBlock, check_layer_sizes
+from shardrec.models.layers import MLPConfig, PositionEmbedding, TransformerBlock, check_layer_sizes, mlp_block
 from shardrec.models.registry import register
 from shardrec.models.sequence import SequenceInputs, sequence_layout
 
@@ -32,6 +32,8 @@ class BSTConfig:
     """Dropout on the attention and feed-forward outputs."""
     mlp_layer_sizes: list[int] = field(default_factory=lambda: [1024, 512, 256])
     """Hidden widths of the final LeakyReLU MLP; a width-1 layer (the logit) follows."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The final MLP: activation (default leaky_relu), dropout, norm (:class:`shardrec.models.layers.MLPConfig`); ``dropout`` above is the transformer's."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.mlp_layer_sizes, key="model.mlp_layer_sizes")
@@ -102,8 +104,8 @@ class BST(nn.Module):
             for _ in range(config.num_layers)
         )
         mlp_in = (layout.max_len + 1) * layout.dim + layout.context_dim + layout.num_dense
-        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, schema.output_width], activation="leaky_relu", final_activation=False,
-                       device=device)
+        self.mlp = mlp_block(mlp_in, [*config.mlp_layer_sizes, schema.output_width], config=config.mlp, key="model.mlp",
+                             activation="leaky_relu", logit=True, device=device)
 
     def encode(self, history: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The transformer outputs flattened, ``[B, (1 + L) * D]``, zero at padded positions."""

@@ -11,11 +11,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
-    MLP,
+    MLPConfig,
     build_ebc_if_tables,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
+    mlp_block,
     pooled_embeddings,
 )
 from shardrec.models.registry import register
@@ -29,6 +30,8 @@ class DCNConfig:
     """Number of cross layers; l layers model feature crosses up to degree l + 1."""
     deep_layer_sizes: list[int] = field(default_factory=lambda: [1024, 1024])
     """Widths of the ReLU layers of the deep network, which runs beside the cross network."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The deep network: activation, dropout, norm, final_activation (default true: its output joins the cross network's) (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         if self.num_cross_layers < 1:
@@ -85,7 +88,7 @@ class DCN(nn.Module):
         self.ebc = build_ebc_if_tables(schema, device=device)
         d = embedding_output_dim(schema) + len(schema.dense)
         self.cross = nn.ModuleList(CrossLayer(d, device=device) for _ in range(config.num_cross_layers))
-        self.deep = MLP(d, config.deep_layer_sizes, device=device)
+        self.deep = mlp_block(d, config.deep_layer_sizes, config=config.mlp, key="model.mlp", final_activation=True, device=device)
         self.logit = nn.Linear(d + config.deep_layer_sizes[-1], schema.output_width, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:

@@ -13,11 +13,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
-    MLP,
+    MLPConfig,
     build_ebc_if_tables,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
+    mlp_block,
     pooled_embeddings,
 )
 from shardrec.models.registry import register
@@ -51,6 +52,8 @@ class DCNv2Config:
     """With ``low_rank``: expert weights, softmax or sigmoid of a linear gate on x_l, or constant 1 (a plain sum)."""
     expert_activation: ExpertActivation = "tanh"
     """With ``low_rank``: g in an expert's U g(C g(V^T x_l)); identity drops C and g, leaving U (V^T x_l)."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The deep network: activation, dropout, norm, final_activation (default true: its output feeds the logit layer) (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         if self.num_cross_layers < 1:
@@ -182,7 +185,7 @@ class DCNv2(nn.Module):
         self.ebc = build_ebc_if_tables(schema, device=device)
         d = embedding_output_dim(schema) + len(schema.dense)
         self.cross = nn.ModuleList(build_cross_layer(d, config, device=device) for _ in range(config.num_cross_layers))
-        self.deep = MLP(d, config.deep_layer_sizes, device=device)
+        self.deep = mlp_block(d, config.deep_layer_sizes, config=config.mlp, key="model.mlp", final_activation=True, device=device)
         logit_in = config.deep_layer_sizes[-1] + (d if self.parallel else 0)
         self.logit = nn.Linear(logit_in, schema.output_width, device=device)
 

@@ -11,9 +11,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.models.layers import (
-    MLP,
     DenseFieldEmbedding,
     FirstOrder,
+    MLPConfig,
     build_ebc_if_tables,
     check_dense_embedding_dim,
     check_features,
@@ -23,6 +23,7 @@ from shardrec.models.layers import (
     field_dim,
     field_names,
     group_of,
+    mlp_block,
     pooled_embeddings,
     resolve_groups,
     select_columns,
@@ -51,6 +52,8 @@ class DeepFMConfig:
     """Features each part reads: ``wide``, ``fm`` (a dense feature listed here is embedded as a
     field) and ``deep``; left out, ``fm`` reads every sparse feature (in a schema of dense features
     alone: every dense one) and the others every feature."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The deep MLP: activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.deep_layer_sizes, key="model.deep_layer_sizes")
@@ -115,7 +118,8 @@ class DeepFM(nn.Module):
         wide = groups["wide"]
         self.first_order = FirstOrder(schema=wide.schema, dense_columns=wide.dense_columns, device=device)
         deep_in = embedding_output_dim(deep.schema) + len(deep.schema.dense)
-        self.deep = MLP(deep_in, [*config.deep_layer_sizes, schema.output_width], final_activation=False, device=device)
+        self.deep = mlp_block(deep_in, [*config.deep_layer_sizes, schema.output_width], config=config.mlp, key="model.mlp", logit=True,
+                              device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

@@ -12,7 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.layers import MLP, check_layer_sizes
+from shardrec.models.layers import MLP, MLPConfig, check_layer_sizes, mlp_block
 from shardrec.models.registry import register
 from shardrec.models.tasks import task_loss
 from shardrec.models.sequence import SequenceActivation, SequenceInputs, check_activation, sequence_layout
@@ -33,7 +33,9 @@ class DIENConfig:
     mlp_layer_sizes: list[int] = field(default_factory=lambda: [200, 80])
     """Hidden widths of the final MLP; a width-1 layer (the logit) follows."""
     activation: SequenceActivation = "dice"
-    """Activation of the final MLP: "dice" or "prelu"."""
+    """Activation of the final MLP: "dice" or "prelu"; ``mlp.activation`` overrides it."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The final MLP: activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`); the auxiliary net keeps ReLU."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.aux_layer_sizes, key="model.aux_layer_sizes")
@@ -135,8 +137,8 @@ class DIEN(nn.Module):
         self.evolution = AUGRUCell(dim, dim, device=device)
         mlp_in = layout.context_dim + 2 * dim + layout.num_dense
         self.tasks = schema.tasks
-        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, schema.output_width], activation=config.activation, final_activation=False,
-                       device=device)
+        self.mlp = mlp_block(mlp_in, [*config.mlp_layer_sizes, schema.output_width], config=config.mlp, key="model.mlp",
+                             activation=config.activation, logit=True, device=device)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor

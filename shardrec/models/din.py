@@ -9,7 +9,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
-from shardrec.models.layers import MLP, check_layer_sizes
+from shardrec.models.layers import MLPConfig, check_layer_sizes, mlp_block
 from shardrec.models.registry import register
 from shardrec.models.sequence import SequenceActivation, SequenceInputs, check_activation, sequence_layout
 
@@ -27,7 +27,11 @@ class DINConfig:
     mlp_layer_sizes: list[int] = field(default_factory=lambda: [200, 80])
     """Hidden widths of the final MLP; a width-1 layer (the logit) follows."""
     activation: SequenceActivation = "dice"
-    """Activation of both MLPs: "dice" (the paper's) or "prelu"."""
+    """Activation of both MLPs: "dice" (the paper's) or "prelu"; ``mlp.activation`` and ``attention_mlp.activation`` override it."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The final MLP: activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`); also the defaults of ``attention_mlp``."""
+    attention_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The local activation unit's MLP, over every history position (batch norm and Dice take their statistics over the real positions only); unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.attention_layer_sizes, key="model.attention_layer_sizes")
@@ -43,13 +47,17 @@ class LocalActivationUnit(nn.Module):
     Args:
         dim: embedding width D.
         layer_sizes: hidden widths of the MLP.
-        activation: "dice" or "prelu".
+        activation: the default activation, "dice" or "prelu".
+        mlp: the MLP's settings (``model.attention_mlp`` over ``model.mlp``).
         device: where the weights are created.
     """
 
-    def __init__(self, dim: int, layer_sizes: list[int], *, activation: SequenceActivation, device: torch.device) -> None:
+    def __init__(
+        self, dim: int, layer_sizes: list[int], *, activation: SequenceActivation, mlp: MLPConfig, device: torch.device
+    ) -> None:
         super().__init__()
-        self.mlp = MLP(4 * dim, [*layer_sizes, 1], activation=activation, final_activation=False, device=device)
+        self.mlp = mlp_block(4 * dim, [*layer_sizes, 1], config=mlp, key="model.attention_mlp", activation=activation, logit=True,
+                             device=device)
 
     def forward(self, history: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``history [B, L, D]``, ``target [B, D]``, ``mask [B, L]`` -> weights ``[B, L]``."""
@@ -87,11 +95,12 @@ class DIN(nn.Module):
         layout = sequence_layout(schema, history=config.history_feature, target=config.target_feature, model="din")
         self.inputs = SequenceInputs(schema=schema, layout=layout, device=device)
         self.attention = LocalActivationUnit(
-            layout.dim, config.attention_layer_sizes, activation=config.activation, device=device
+            layout.dim, config.attention_layer_sizes, activation=config.activation,
+            mlp=config.attention_mlp.over(config.mlp), device=device,
         )
         mlp_in = layout.context_dim + 2 * layout.dim + layout.num_dense
-        self.mlp = MLP(mlp_in, [*config.mlp_layer_sizes, schema.output_width], activation=config.activation, final_activation=False,
-                       device=device)
+        self.mlp = mlp_block(mlp_in, [*config.mlp_layer_sizes, schema.output_width], config=config.mlp, key="model.mlp",
+                             activation=config.activation, logit=True, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

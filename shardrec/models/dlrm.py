@@ -12,10 +12,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
-    MLP,
+    MLPConfig,
     build_ebc,
     check_features,
     check_layer_sizes,
+    mlp_block,
     pooled_by_feature,
     shared_embedding_dim,
 )
@@ -32,6 +33,12 @@ class DLRMConfig:
     over_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 32, 1])
     """Top MLP widths over [bottom output, interactions]; the last must be 1 (the logit; a multiclass
     label's num_classes take its place)."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """Activation, dropout, norm of every MLP block of the model (:class:`shardrec.models.layers.MLPConfig`); the blocks' own sections below override it key by key."""
+    dense_arch_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The bottom MLP over the dense features (ReLU after every layer by default); unset keys: ``mlp``'s."""
+    over_arch_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The top MLP, ending in the logit; unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.dense_arch_layer_sizes, key="model.dense_arch_layer_sizes")
@@ -96,15 +103,18 @@ class DLRM(nn.Module):
         self.feature_names = schema.sparse_names
         num_f = len(self.feature_names)
         self.ebc = build_ebc(schema, device=device)
-        self.dense_arch: MLP | None = None
+        dense_mlp, over_mlp = config.dense_arch_mlp.over(config.mlp), config.over_arch_mlp.over(config.mlp)
+        self.dense_arch: nn.Module | None = None
         if schema.dense:
             _check_dense_arch(config.dense_arch_layer_sizes, dim)
-            self.dense_arch = MLP(len(schema.dense), config.dense_arch_layer_sizes, device=device)
+            self.dense_arch = mlp_block(len(schema.dense), config.dense_arch_layer_sizes, config=dense_mlp,
+                                        key="model.dense_arch_mlp", final_activation=True, device=device)
             over_in = dim + (num_f + 1) * num_f // 2
         else:
             _check_pairs(num_f)
             over_in = num_f * (num_f - 1) // 2
-        self.over_arch = MLP(over_in, [*config.over_arch_layer_sizes[:-1], schema.output_width], final_activation=False, device=device)
+        self.over_arch = mlp_block(over_in, [*config.over_arch_layer_sizes[:-1], schema.output_width], config=over_mlp,
+                                   key="model.over_arch_mlp", logit=True, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

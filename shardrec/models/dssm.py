@@ -10,7 +10,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.layers import MLP, check_layer_sizes
+from shardrec.models.layers import MLPConfig, check_layer_sizes, mlp_block
 from shardrec.models.registry import register
 from shardrec.models.retrieval import (
     FeatureLookup,
@@ -40,6 +40,12 @@ class DSSMConfig:
     """L2-normalize both vectors so that their dot product is the cosine similarity (the paper's)."""
     loss: RetrievalLossConfig = field(default_factory=RetrievalLossConfig)
     """Training loss (in-batch softmax by default)."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """Activation, dropout, norm of both towers (:class:`shardrec.models.layers.MLPConfig`); ``user_mlp`` and ``item_mlp`` override it key by key."""
+    user_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The user tower (its last layer linear by default); unset keys: ``mlp``'s."""
+    item_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The item tower (its last layer linear by default); unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.user_layer_sizes, key="model.user_layer_sizes")
@@ -89,9 +95,10 @@ class DSSM(RetrievalModel):
         skip = set(self.item_names) | {f.name for f in schema.sparse if f.negatives is not None}
         self.user_names = [f.name for f in schema.sparse if f.name not in skip and not f.raw and not f.weights]
         dim = {f.name: schema.table(f.table).embedding_dim for f in schema.sparse if f.table is not None}
-        self.user_mlp = MLP(sum(dim[n] for n in self.user_names) + len(schema.dense), config.user_layer_sizes,
-                            final_activation=False, device=device)
-        self.item_mlp = MLP(sum(dim[n] for n in self.item_names), config.item_layer_sizes, final_activation=False, device=device)
+        self.user_mlp = mlp_block(sum(dim[n] for n in self.user_names) + len(schema.dense), config.user_layer_sizes,
+                                  config=config.user_mlp.over(config.mlp), key="model.user_mlp", device=device)
+        self.item_mlp = mlp_block(sum(dim[n] for n in self.item_names), config.item_layer_sizes,
+                                  config=config.item_mlp.over(config.mlp), key="model.item_mlp", device=device)
         self.normalize = config.normalize
         table = next(f.table for f in schema.sparse if f.name == self.item_feature)
         self.retrieval_loss = RetrievalLoss(config.loss, item_rows=schema.table(table).num_embeddings, negatives=neg)

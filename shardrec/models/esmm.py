@@ -10,7 +10,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
-from shardrec.models.layers import MLP
+from shardrec.models.layers import mlp_block
 from shardrec.models.multitask import MultiTaskConfig, MultiTaskModel, require_labels, weighted_bce
 from shardrec.models.registry import register
 from shardrec.models.tasks import require_binary
@@ -58,8 +58,11 @@ class ESMM(MultiTaskModel):
         require_labels(schema, model="esmm", exactly=2)
         require_binary(schema, model="esmm", why="predicts CTR x CVR, a product of two probabilities")
         super().__init__(schema=schema, weights=config.task_weights, model="esmm", device=device)
-        self.ctr = MLP(self.input_dim, [*config.tower_layer_sizes, 1], final_activation=False, device=device)
-        self.cvr = MLP(self.input_dim, [*config.tower_layer_sizes, 1], final_activation=False, device=device)
+        tower = config.tower_mlp.over(config.mlp)
+        self.ctr = mlp_block(self.input_dim, [*config.tower_layer_sizes, 1], config=tower, key="model.tower_mlp", logit=True,
+                             device=device)
+        self.cvr = mlp_block(self.input_dim, [*config.tower_layer_sizes, 1], config=tower, key="model.tower_mlp", logit=True,
+                             device=device)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor

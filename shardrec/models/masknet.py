@@ -13,13 +13,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
-    MLP,
     DenseFieldEmbedding,
+    MLPConfig,
     build_ebc_if_tables,
     check_dense_embedding_dim,
     check_features,
     check_layer_sizes,
     field_dim,
+    mlp_block,
     pooled_embeddings,
     stack_fields,
 )
@@ -45,6 +46,8 @@ class MaskNetConfig:
     dense_embedding_dim: int | None = None
     """Width of an embedded dense field in a schema without tables (dense features alone); unset:
     the tables' embedding_dim."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """parallel only: the MLP over the block outputs: activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         check_dense_embedding_dim(self.dense_embedding_dim)
@@ -182,7 +185,7 @@ def build_head(config: MaskNetConfig, *, outputs: int, device: torch.device) -> 
     if config.structure == "serial":
         return nn.Linear(config.block_dim, outputs, device=device)
     width = config.num_blocks * config.block_dim
-    return MLP(width, [*config.mlp_layer_sizes, outputs], final_activation=False, device=device)
+    return mlp_block(width, [*config.mlp_layer_sizes, outputs], config=config.mlp, key="model.mlp", logit=True, device=device)
 
 
 @register("masknet", MaskNetConfig)

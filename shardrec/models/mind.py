@@ -10,7 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.layers import MLP
+from shardrec.models.layers import MLPConfig, mlp_block
 from shardrec.models.multi_interest import (
     BilinearMaps,
     HistoryBatch,
@@ -47,6 +47,8 @@ class MINDConfig:
     """Sharpness p of the label-aware attention (the paper: 2 or larger; large: hard attention)."""
     loss: RetrievalLossConfig = field(default_factory=RetrievalLossConfig)
     """Training loss (in-batch softmax by default; the paper's is sampled softmax)."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The MLP over each interest capsule and the profile: activation, dropout, norm, final_activation (default true) (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         if self.num_interests < 1:
@@ -92,8 +94,8 @@ class MIND(RetrievalModel):
         self.item_feature = self.inputs.item_feature
         dim = self.inputs.dim
         self.bilinear = BilinearMaps(dim, num_interests=config.num_interests, length=None, device=device)
-        self.interest_mlp = MLP(dim + self.inputs.profile_dim + len(schema.dense), [*config.hidden_layer_sizes, dim],
-                                final_activation=True, device=device)
+        self.interest_mlp = mlp_block(dim + self.inputs.profile_dim + len(schema.dense), [*config.hidden_layer_sizes, dim],
+                                      config=config.mlp, key="model.mlp", final_activation=True, device=device)
         self.num_interests = config.num_interests
         self.dynamic = config.dynamic_interests
         self.iterations = config.routing_iterations

@@ -10,7 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.layers import check_layer_sizes
+from shardrec.models.layers import MLPConfig, check_layer_sizes
 from shardrec.models.multitask import Experts, Gate, MultiTaskConfig, MultiTaskModel, Towers
 from shardrec.models.registry import register
 
@@ -23,6 +23,8 @@ class MMoEConfig(MultiTaskConfig):
     """Number of expert networks n that every task's gate mixes."""
     expert_layer_sizes: list[int] = field(default_factory=lambda: [64])
     """Widths of each expert's ReLU MLP over [pooled embeddings, dense]; the last is the expert output."""
+    expert_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The experts' MLPs (ReLU after every layer by default); unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,14 +58,15 @@ class MMoE(MultiTaskModel):
     def __init__(self, *, schema: FeatureSchema, config: MMoEConfig, device: torch.device) -> None:
         super().__init__(schema=schema, weights=config.task_weights, model="mmoe", device=device)
         self.experts = Experts(
-            self.input_dim, num_experts=config.num_experts, layer_sizes=config.expert_layer_sizes, device=device
+            self.input_dim, num_experts=config.num_experts, layer_sizes=config.expert_layer_sizes,
+            mlp=config.expert_mlp.over(config.mlp), device=device,
         )
         self.gates = nn.ModuleList(
             Gate(self.input_dim, num_experts=config.num_experts, device=device) for _ in range(self.num_tasks)
         )
         self.towers = Towers(
             config.expert_layer_sizes[-1], num_tasks=self.num_tasks, layer_sizes=config.tower_layer_sizes, widths=self.task_widths,
-            device=device
+            mlp=config.tower_mlp.over(config.mlp), device=device,
         )
 
     def forward(

@@ -21,11 +21,12 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.tasks import task_loss
 from shardrec.models.layers import (
-    MLP,
+    MLPConfig,
     build_ebc_if_tables,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
+    mlp_block,
     pooled_embeddings,
 )
 
@@ -38,6 +39,10 @@ class MultiTaskConfig:
     """Hidden widths of each task's tower; its output layer follows (width 1, or num_classes)."""
     task_weights: list[float] | None = None
     """Loss weight of each task, one per label in features.label order; unset: 1.0 each."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """Activation, dropout, norm of every MLP block of the model (the towers; experts or a shared bottom where the model has them)."""
+    tower_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The task towers' MLPs; unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.tower_layer_sizes, key="model.tower_layer_sizes")
@@ -122,18 +127,22 @@ class MultiTaskModel(nn.Module):
 
 
 class Experts(nn.Module):
-    """``num_experts`` ReLU MLPs over one input, their outputs stacked.
+    """``num_experts`` MLPs over one input (ReLU after every layer by default), their outputs stacked.
 
     Args:
         in_features: width of the input.
         num_experts: number of experts K.
         layer_sizes: widths of each expert's layers; the last is the expert's output width H.
+        mlp: the experts' MLP settings (``model.expert_mlp`` over ``model.mlp``).
         device: where the weights are created.
     """
 
-    def __init__(self, in_features: int, *, num_experts: int, layer_sizes: list[int], device: torch.device) -> None:
+    def __init__(self, in_features: int, *, num_experts: int, layer_sizes: list[int], mlp: MLPConfig, device: torch.device) -> None:
         super().__init__()
-        self.experts = nn.ModuleList(MLP(in_features, layer_sizes, device=device) for _ in range(num_experts))
+        self.experts = nn.ModuleList(
+            mlp_block(in_features, layer_sizes, config=mlp, key="model.expert_mlp", final_activation=True, device=device)
+            for _ in range(num_experts)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, K, H]`` for ``x`` ``[B, in_features]``."""
@@ -171,16 +180,19 @@ class Towers(nn.Module):
         layer_sizes: hidden widths of each tower; an output layer follows.
         widths: each tower's output width (1 per binary or regression task, num_classes per
             multiclass task); None: 1 each.
+        mlp: the towers' MLP settings (``model.tower_mlp`` over ``model.mlp``).
         device: where the weights are created.
     """
 
     def __init__(
-        self, in_features: int, *, num_tasks: int, layer_sizes: list[int], widths: list[int] | None = None, device: torch.device
+        self, in_features: int, *, num_tasks: int, layer_sizes: list[int], mlp: MLPConfig, widths: list[int] | None = None,
+        device: torch.device,
     ) -> None:
         super().__init__()
         widths = widths or [1] * num_tasks
         self.towers = nn.ModuleList(
-            MLP(in_features, [*layer_sizes, widths[t]], final_activation=False, device=device) for t in range(num_tasks)
+            mlp_block(in_features, [*layer_sizes, widths[t]], config=mlp, key="model.tower_mlp", logit=True, device=device)
+            for t in range(num_tasks)
         )
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:

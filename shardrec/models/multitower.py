@@ -11,7 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.layers import MLP, build_ebc_if_tables, check_features, check_layer_sizes
+from shardrec.models.layers import MLPConfig, build_ebc_if_tables, check_features, check_layer_sizes, mlp_block
 from shardrec.models.registry import register
 
 
@@ -27,6 +27,12 @@ class MultiTowerConfig:
     """Widths of every tower's MLP (ReLU after each layer)."""
     final_layer_sizes: list[int] = field(default_factory=lambda: [64])
     """Widths of the final MLP over the concatenated tower outputs; a width-1 logit layer follows."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """Activation, dropout, norm of every MLP block of the model (:class:`shardrec.models.layers.MLPConfig`); the blocks' own sections below override it key by key."""
+    tower_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """Every group's tower (ReLU after every layer by default); unset keys: ``mlp``'s."""
+    final_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The final MLP, ending in the logit; unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.tower_layer_sizes, key="model.tower_layer_sizes")
@@ -69,10 +75,13 @@ class MultiTower(nn.Module):
         self.dense_of = {g: [dense_index[n] for n in names if n in dense_index] for g, names in self.groups.items()}
         self.ebc = build_ebc_if_tables(schema, device=device)
         self.towers = nn.ModuleDict(
-            {g: MLP(_group_width(schema, ns), config.tower_layer_sizes, device=device) for g, ns in self.groups.items()}
+            {g: mlp_block(_group_width(schema, ns), config.tower_layer_sizes, config=config.tower_mlp.over(config.mlp),
+                          key="model.tower_mlp", final_activation=True, device=device)
+             for g, ns in self.groups.items()}
         )
         fused = len(self.groups) * config.tower_layer_sizes[-1]
-        self.final = MLP(fused, [*config.final_layer_sizes, schema.output_width], final_activation=False, device=device)
+        self.final = mlp_block(fused, [*config.final_layer_sizes, schema.output_width], config=config.final_mlp.over(config.mlp),
+                               key="model.final_mlp", logit=True, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

@@ -11,7 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
-from shardrec.models.layers import check_layer_sizes
+from shardrec.models.layers import MLPConfig, check_layer_sizes
 from shardrec.models.multitask import Experts, Gate, MultiTaskConfig, MultiTaskModel, Towers
 from shardrec.models.registry import register
 
@@ -28,6 +28,8 @@ class PLEConfig(MultiTaskConfig):
     """Shared experts per level (m_s in the paper)."""
     expert_layer_sizes: list[int] = field(default_factory=lambda: [64])
     """Widths of each expert's ReLU MLP; the last is the expert output, and the next level's input."""
+    expert_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The experts' MLPs (ReLU after every layer by default); unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,6 +53,7 @@ class ExtractionLayer(nn.Module):
         task_experts: experts per task.
         shared_experts: shared experts.
         layer_sizes: each expert's ReLU MLP widths.
+        mlp: the experts' MLP settings (``model.expert_mlp`` over ``model.mlp``).
         final: the last level, which has no shared gate.
         device: where the weights are created.
     """
@@ -63,14 +66,16 @@ class ExtractionLayer(nn.Module):
         task_experts: int,
         shared_experts: int,
         layer_sizes: list[int],
+        mlp: MLPConfig,
         final: bool,
         device: torch.device,
     ) -> None:
         super().__init__()
         self.task_experts = nn.ModuleList(
-            Experts(in_features, num_experts=task_experts, layer_sizes=layer_sizes, device=device) for _ in range(num_tasks)
+            Experts(in_features, num_experts=task_experts, layer_sizes=layer_sizes, mlp=mlp, device=device)
+            for _ in range(num_tasks)
         )
-        self.shared_experts = Experts(in_features, num_experts=shared_experts, layer_sizes=layer_sizes, device=device)
+        self.shared_experts = Experts(in_features, num_experts=shared_experts, layer_sizes=layer_sizes, mlp=mlp, device=device)
         self.task_gates = nn.ModuleList(
             Gate(in_features, num_experts=task_experts + shared_experts, device=device) for _ in range(num_tasks)
         )
@@ -120,13 +125,14 @@ class PLE(MultiTaskModel):
                 task_experts=config.num_task_experts,
                 shared_experts=config.num_shared_experts,
                 layer_sizes=config.expert_layer_sizes,
+                mlp=config.expert_mlp.over(config.mlp),
                 final=level == config.num_levels - 1,
                 device=device,
             )
             for level in range(config.num_levels)
         )
         self.towers = Towers(width, num_tasks=self.num_tasks, layer_sizes=config.tower_layer_sizes, widths=self.task_widths,
-                            device=device)
+                             mlp=config.tower_mlp.over(config.mlp), device=device)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor

@@ -12,11 +12,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
-    MLP,
+    MLPConfig,
     build_ebc_if_tables,
     check_features,
     check_layer_sizes,
     embedding_output_dim,
+    mlp_block,
     pooled_embeddings,
 )
 from shardrec.models.registry import register
@@ -36,6 +37,14 @@ class RocketLaunchingConfig:
     """Hidden widths of the light net, the one that serves; a width-1 logit layer follows."""
     hint_weight: float = 1.0
     """Weight lambda of the hint loss, the mean squared difference of the two nets' logits."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """Activation, dropout, norm of every MLP block of the model (:class:`shardrec.models.layers.MLPConfig`); the blocks' own sections below override it key by key."""
+    shared_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The shared MLP (with ``shared_layer_sizes``; ReLU after every layer by default); unset keys: ``mlp``'s."""
+    light_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The light net, ending in its logit; unset keys: ``mlp``'s."""
+    booster_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The booster net, ending in its logit; unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         if any(s <= 0 for s in self.shared_layer_sizes):
@@ -80,11 +89,14 @@ class RocketLaunching(nn.Module):
         width = embedding_output_dim(schema) + len(schema.dense)
         self.shared: nn.Module = nn.Identity()
         if config.shared_layer_sizes:
-            self.shared = MLP(width, config.shared_layer_sizes, device=device)
+            self.shared = mlp_block(width, config.shared_layer_sizes, config=config.shared_mlp.over(config.mlp), key="model.shared_mlp",
+                                    final_activation=True, device=device)
             width = config.shared_layer_sizes[-1]
         self.tasks = schema.tasks
-        self.light = MLP(width, [*config.light_layer_sizes, schema.output_width], final_activation=False, device=device)
-        self.booster = MLP(width, [*config.booster_layer_sizes, schema.output_width], final_activation=False, device=device)
+        self.light = mlp_block(width, [*config.light_layer_sizes, schema.output_width], config=config.light_mlp.over(config.mlp),
+                               key="model.light_mlp", logit=True, device=device)
+        self.booster = mlp_block(width, [*config.booster_layer_sizes, schema.output_width], config=config.booster_mlp.over(config.mlp),
+                                 key="model.booster_mlp", logit=True, device=device)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor

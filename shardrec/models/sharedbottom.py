@@ -8,7 +8,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
-from shardrec.models.layers import MLP, check_layer_sizes
+from shardrec.models.layers import MLPConfig, check_layer_sizes, mlp_block
 from shardrec.models.multitask import MultiTaskConfig, MultiTaskModel, Towers
 from shardrec.models.registry import register
 
@@ -19,6 +19,8 @@ class SharedBottomConfig(MultiTaskConfig):
 
     bottom_layer_sizes: list[int] = field(default_factory=lambda: [64])
     """Widths of the shared ReLU MLP over [pooled embeddings, dense]."""
+    bottom_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The shared bottom MLP (ReLU after every layer by default); unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,10 +47,11 @@ class SharedBottom(MultiTaskModel):
 
     def __init__(self, *, schema: FeatureSchema, config: SharedBottomConfig, device: torch.device) -> None:
         super().__init__(schema=schema, weights=config.task_weights, model="sharedbottom", device=device)
-        self.bottom = MLP(self.input_dim, config.bottom_layer_sizes, device=device)
+        self.bottom = mlp_block(self.input_dim, config.bottom_layer_sizes, config=config.bottom_mlp.over(config.mlp),
+                                key="model.bottom_mlp", final_activation=True, device=device)
         self.towers = Towers(
             config.bottom_layer_sizes[-1], num_tasks=self.num_tasks, layer_sizes=config.tower_layer_sizes, widths=self.task_widths,
-            device=device
+            mlp=config.tower_mlp.over(config.mlp), device=device,
         )
 
     def forward(

@@ -11,13 +11,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.models.layers import (
-    MLP,
     FirstOrder,
+    MLPConfig,
     build_ebc_if_tables,
     check_features,
     check_group_names,
     check_layer_sizes,
     embedding_output_dim,
+    mlp_block,
     pooled_embeddings,
     resolve_groups,
     select_columns,
@@ -37,6 +38,8 @@ class WideDeepConfig:
     feature_groups: dict[str, list[str]] = field(default_factory=dict)
     """Features each part reads: ``wide`` (e.g. ids and crossed ids, features.sparse entries with
     ``cross``) and ``deep`` (e.g. ids and dense values); a part left out reads every feature."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The deep MLP: activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.deep_layer_sizes, key="model.deep_layer_sizes")
@@ -73,7 +76,8 @@ class WideDeep(nn.Module):
         self.ebc = build_ebc_if_tables(deep.schema, device=device)
         self.wide = FirstOrder(schema=wide.schema, dense_columns=wide.dense_columns, device=device)
         deep_in = embedding_output_dim(deep.schema) + len(deep.schema.dense)
-        self.deep = MLP(deep_in, [*config.deep_layer_sizes, schema.output_width], final_activation=False, device=device)
+        self.deep = mlp_block(deep_in, [*config.deep_layer_sizes, schema.output_width], config=config.mlp, key="model.mlp", logit=True,
+                              device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

@@ -13,11 +13,13 @@ from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
     MLP,
+    MLPConfig,
     build_ebc_if_tables,
     check_dense_embedding_dim,
     check_features,
     check_layer_sizes,
     field_dim,
+    mlp_block,
     pooled_embeddings,
 )
 from shardrec.models.registry import register
@@ -46,6 +48,12 @@ class WuKongConfig:
     dense_embedding_dim: int | None = None
     """Width d of the embeddings in a schema without tables (dense features alone); unset: the
     tables' embedding_dim."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """Activation, dropout, norm of the dense and final MLPs (:class:`shardrec.models.layers.MLPConfig`; the FMBs' MLPs keep ReLU); ``dense_mlp`` and ``final_mlp`` override it key by key."""
+    dense_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The MLP embedding the dense features (its last layer linear by default); unset keys: ``mlp``'s."""
+    final_mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The final MLP, ending in the logit; unset keys: ``mlp``'s."""
 
     def __post_init__(self) -> None:
         check_dense_embedding_dim(self.dense_embedding_dim)
@@ -167,13 +175,15 @@ class WuKong(nn.Module):
         self.feature_names = schema.sparse_names
         self.ebc = build_ebc_if_tables(schema, device=device)
         self.dense_arch = (
-            MLP(len(schema.dense), [*config.dense_layer_sizes, dim], final_activation=False, device=device)
+            mlp_block(len(schema.dense), [*config.dense_layer_sizes, dim], config=config.dense_mlp.over(config.mlp),
+                      key="model.dense_mlp", device=device)
             if schema.dense else None
         )
         num_in = len(self.feature_names) + (1 if schema.dense else 0)
         self.layers = build_layers(config, num_in=num_in, dim=dim, device=device)
         final_in = self.layers[-1].num_out * dim
-        self.final = MLP(final_in, [*config.final_layer_sizes, schema.output_width], final_activation=False, device=device)
+        self.final = mlp_block(final_in, [*config.final_layer_sizes, schema.output_width], config=config.final_mlp.over(config.mlp),
+                               key="model.final_mlp", logit=True, device=device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""

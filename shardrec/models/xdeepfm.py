@@ -12,15 +12,16 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
-    MLP,
     DenseFieldEmbedding,
     FirstOrder,
+    MLPConfig,
     build_ebc_if_tables,
     check_dense_embedding_dim,
     check_features,
     check_group_names,
     check_layer_sizes,
     field_dim,
+    mlp_block,
     pooled_embeddings,
     resolve_groups,
     select_columns,
@@ -53,6 +54,8 @@ class XDeepFMConfig:
     feature_groups: dict[str, list[str]] = field(default_factory=dict)
     """Features each part reads: ``wide`` (the linear part) and ``deep`` (the CIN's fields, its
     sparse features, and the MLP); a part left out reads every feature."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The deep MLP: activation, dropout, norm (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         check_dense_embedding_dim(self.dense_embedding_dim)
@@ -157,7 +160,8 @@ class XDeepFM(nn.Module):
         self.cin = CIN(num_fields, config.cin_layer_sizes, split_half=config.split_half, device=device)
         self.cin_logit = nn.Linear(self.cin.output_dim, schema.output_width, device=device)
         deep_in = len(self.feature_names) * dim + len(deep.dense)
-        self.deep = MLP(deep_in, [*config.deep_layer_sizes, schema.output_width], final_activation=False, device=device)
+        self.deep = mlp_block(deep_in, [*config.deep_layer_sizes, schema.output_width], config=config.mlp, key="model.mlp", logit=True,
+                              device=device)
         self.linear = (
             FirstOrder(schema=wide.schema, dense_columns=wide.dense_columns, device=device) if config.linear else None
         )

@@ -9,7 +9,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
-from shardrec.models.layers import MLP, check_layer_sizes
+from shardrec.models.layers import MLPConfig, check_layer_sizes, mlp_block
 from shardrec.models.multi_interest import HistoryInputs
 from shardrec.models.registry import register
 from shardrec.models.retrieval import (
@@ -36,6 +36,8 @@ class YouTubeDNNConfig:
     """Hidden ReLU layers of the user tower; a last linear layer of the item table's width follows."""
     loss: RetrievalLossConfig = field(default_factory=lambda: RetrievalLossConfig(kind="sampled"))
     """Training loss: sampled softmax by default (the paper's), which needs a negatives feature."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The user tower: activation, dropout, norm, final_activation (default false: the user vector is linear) (:class:`shardrec.models.layers.MLPConfig`)."""
 
     def __post_init__(self) -> None:
         check_layer_sizes(self.layer_sizes, key="model.layer_sizes")
@@ -72,8 +74,8 @@ class YouTubeDNN(RetrievalModel):
                                     device=device)
         self.item_feature = self.inputs.item_feature
         dim = self.inputs.dim
-        self.user_mlp = MLP(dim + self.inputs.profile_dim + len(schema.dense), [*config.layer_sizes, dim],
-                            final_activation=False, device=device)
+        self.user_mlp = mlp_block(dim + self.inputs.profile_dim + len(schema.dense), [*config.layer_sizes, dim],
+                                  config=config.mlp, key="model.mlp", device=device)
         self.retrieval_loss = RetrievalLoss(config.loss, item_rows=self.inputs.item_rows, negatives=self.inputs.negative_feature)
 
     def _user(self, dense: torch.Tensor, history: torch.Tensor, mask: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:

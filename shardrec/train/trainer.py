@@ -27,6 +27,7 @@ from shardrec.job import JobConfig, dump_job
 from shardrec.models import registry
 from shardrec.checkpoint import store as checkpoint
 from shardrec.train.dist import DistContext
+from shardrec.train.running_stats import sync_running_stats
 from shardrec.train.weight_init import init_dense, init_tables
 from shardrec.train.metrics import HEADLINE, MetricsLog, eval_metrics
 from shardrec.train.optim import build_optimizer, init_optimizer_state
@@ -309,6 +310,7 @@ class Trainer:
         models: recall, hit rate, NDCG and MRR at k over the item catalogue)."""
         if self.data.eval is None:
             return None
+        sync_running_stats(self.model)
         model = eval_model(pipeline)
         model.eval()
         if self.retrieval:
@@ -360,6 +362,7 @@ class Trainer:
         """Writes a checkpoint of the current step."""
         if not self.job.checkpoint.enabled:
             return None
+        sync_running_stats(self.model)
         per_epoch = self.batches_per_epoch()
         data = {"epoch": self.step // per_epoch, "batch": self.step % per_epoch, "batches_per_epoch": per_epoch,
                 "batch_size": self.job.data.batch_size, "world_size": self.ctx.world_size}

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from shardrec.train.running_stats import reset_running_stats
+
 _BLOCK_ROWS = 65_536
 
 
@@ -65,7 +67,9 @@ def _table_of(key: str, tables: dict[str, tuple[int, int]]) -> str | None:
 
 @torch.no_grad()
 def init_dense(model: nn.Module, *, seed: int) -> None:
-    """Re-initializes every dense layer with ``reset_parameters`` in module order from ``seed``.
+    """Re-initializes every dense layer with ``reset_parameters`` in module order from ``seed``,
+    then every running statistic (BatchNorm's, Dice's) to its initial value, those of modules
+    without parameters too (DistributedModelParallel leaves their buffers zero).
 
     Same values on every rank and under every plan, since the plan does not change the order.
     """
@@ -74,6 +78,7 @@ def init_dense(model: nn.Module, *, seed: int) -> None:
         if hasattr(module, "reset_parameters") and not _is_embedding(module):
             if any(p.numel() for p in module.parameters(recurse=False)):
                 module.reset_parameters()
+    reset_running_stats(model)
 
 
 def _unwrapped_name(name: str) -> str:

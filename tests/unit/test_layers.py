@@ -1,10 +1,12 @@
-"""The shared blocks of shardrec.models.layers: the MLP's activations and dropout, self-attention's
+"""The shared blocks of shardrec.models.layers: the MLP's activations, norms and dropout, Dice's and
+batch norm's statistics (masked in training, moving averages in eval), PReLU over the last dim, self-attention's
 masks (causal, padding) against the plain formula, the transformer block's two norm placements, and
 the dense field embedding's two initializations."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -12,10 +14,12 @@ from torch import nn
 
 from shardrec.models.layers import (
     MLP,
+    BatchNorm,
     DenseFieldEmbedding,
     Dice,
     MultiHeadSelfAttention,
     PositionEmbedding,
+    PReLU,
     TransformerBlock,
 )
 
@@ -37,10 +41,10 @@ def test_mlp_activation_sets_the_layer_between_linears(activation: str, name: st
         assert [p.numel() for p in mlp[1].parameters()] == [4] and [p.numel() for p in mlp[3].parameters()] == [5]
 
 
-def test_mlp_dropout_follows_hidden_activations_only() -> None:
+def test_mlp_dropout_follows_every_activation() -> None:
     assert _types(MLP(3, [4, 2], dropout=0.5, final_activation=False, device=CPU)) == ["Linear", "ReLU", "Dropout", "Linear"]
     # A zero rate keeps its Dropout, so parameter names (ffn.3.weight) do not depend on the rate.
-    assert _types(MLP(3, [4, 2], dropout=0.0, device=CPU)) == ["Linear", "ReLU", "Dropout", "Linear", "ReLU"]
+    assert _types(MLP(3, [4, 2], dropout=0.0, device=CPU)) == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout"]
     assert "Dropout" not in _types(MLP(3, [4, 2], device=CPU))
 
 
@@ -142,3 +146,86 @@ def test_position_embedding_adds_one_vector_per_position() -> None:
     pos = PositionEmbedding(3, 4, device=CPU)
     x = torch.zeros(2, 3, 4)
     torch.testing.assert_close(pos(x), pos.weight.expand(2, 3, 4))
+
+
+@pytest.mark.parametrize(("activation", "fn"), [("silu", nn.functional.silu), ("sigmoid", torch.sigmoid), ("tanh", torch.tanh)])
+def test_plain_activations_added(activation: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    mlp = MLP(3, [4], activation=activation, device=CPU)  # type: ignore[arg-type]
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(mlp(x), fn(mlp[0](x)))
+
+
+def test_prelu_learns_one_slope_per_last_dim_channel() -> None:
+    # nn.PReLU(C) takes dimension 1 as the channels, so on [B, L, C] it failed unless L == C.
+    prelu = PReLU(4, device=CPU)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    x = torch.randn(2, 5, 4)
+    torch.testing.assert_close(prelu(x), torch.where(x >= 0, x, x * prelu.weight))
+    flat = nn.PReLU(4, device=CPU)
+    flat.load_state_dict(prelu.state_dict())  # same parameter as nn.PReLU: checkpoints interchange
+    torch.testing.assert_close(prelu(x[:, 0]), flat(x[:, 0]))
+
+
+def test_dice_trains_on_batch_statistics_and_serves_their_moving_averages() -> None:
+    dice = Dice(3, momentum=0.5, device=CPU)
+    assert torch.equal(dice.running_mean, torch.zeros(3)) and torch.equal(dice.running_var, torch.ones(3))
+    x = 2.0 + 3.0 * torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) > 0.4
+    dice(x, mask)
+    real = x[mask]
+    torch.testing.assert_close(dice.running_mean, 0.5 * real.mean(0))
+    torch.testing.assert_close(dice.running_var, 0.5 + 0.5 * real.var(0, unbiased=False))
+    before = dice.running_mean.clone()
+    dice(x, torch.zeros(4, 6, dtype=torch.bool))  # nothing real: the averages stay
+    assert torch.equal(dice.running_mean, before)
+    dice.eval()
+    p = torch.sigmoid((x - dice.running_mean) / torch.sqrt(dice.running_var + 1e-8))
+    torch.testing.assert_close(dice(x), p * x)  # alpha = 0
+    # Eval: a row alone scores as it does inside the batch.
+    torch.testing.assert_close(dice(x[1:2]), dice(x)[1:2])
+    dice.reset_running_stats()
+    assert torch.equal(dice.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "types"),
+    [
+        ({"norm": "batch", "dropout": 0.1, "final_activation": False}, ["Linear", "BatchNorm", "ReLU", "Dropout", "Linear"]),
+        ({"norm": "layer", "final_activation": True}, ["Linear", "LayerNorm", "ReLU", "Linear", "LayerNorm", "ReLU"]),
+        ({"norm": "none", "final_activation": False}, ["Linear", "ReLU", "Linear"]),
+    ],
+)
+def test_mlp_norm_sits_between_linear_and_activation(kwargs: dict[str, object], types: list[str]) -> None:
+    mlp = MLP(3, [4, 2], device=CPU, **kwargs)  # type: ignore[arg-type]
+    assert _types(mlp) == types
+    if kwargs["norm"] == "layer":
+        x = torch.randn(5, 3)
+        torch.testing.assert_close(mlp(x), torch.relu(mlp[4](mlp[3](torch.relu(mlp[1](mlp[0](x)))))))
+
+
+def test_batch_norm_over_the_last_dim_takes_statistics_from_real_positions() -> None:
+    norm = BatchNorm(3, device=CPU)
+    x = 1.0 + 2.0 * torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) > 0.4
+    out = norm(x, mask)
+    real = x[mask]
+    torch.testing.assert_close(out[mask], (real - real.mean(0)) / torch.sqrt(real.var(0, unbiased=False) + 1e-5))
+    assert (out[~mask] == 0).all()
+    torch.testing.assert_close(norm.running_mean, 0.1 * real.mean(0))
+    torch.testing.assert_close(norm.running_var, 0.9 + 0.1 * real.var(0))
+    assert int(norm.num_batches_tracked) == 1
+    # Eval on [B, L, C] and on [B, C] alike: the running statistics, per row.
+    norm.eval()
+    want = (x - norm.running_mean) / torch.sqrt(norm.running_var + 1e-5)
+    torch.testing.assert_close(norm(x), want)
+    torch.testing.assert_close(norm(x[:, 0]), want[:, 0])
+
+
+def test_mlp_passes_the_mask_to_batch_norm() -> None:
+    torch.manual_seed(0)
+    mlp = MLP(4, [6, 1], norm="batch", final_activation=False, device=CPU)
+    x = torch.randn(3, 5, 4)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5, [True, False, False, False, False]])
+    noisy = x + 10.0 * torch.randn_like(x) * (~mask).unsqueeze(-1)
+    torch.testing.assert_close(mlp(noisy, mask)[mask], mlp(x, mask)[mask])

@@ -2,12 +2,14 @@
 block, embedding helpers, the first-order (linear) part, feature groups and config checks.
 
 Everything here is created on the ``device`` it is given, which may be ``torch.device("meta")``
-(the sharding planner builds models there), and holds no buffers: DistributedModelParallel
-re-creates meta buffers as zeros, so any constant a forward needs is computed in the forward.
-Nothing here registers a model, so any model may import it.
+(the sharding planner builds models there). DistributedModelParallel re-creates meta buffers as
+zeros, so any constant a forward needs is computed in the forward; the only buffers are running
+statistics (:class:`BatchNorm`, :class:`Dice`), which the trainer resets through their
+``reset_running_stats`` once the model is placed. Nothing here registers a model, so any model
+may import it.
 """
 
-from shardrec.models.layers.activation import Activation, Dice, build_activation
+from shardrec.models.layers.activation import ACTIVATIONS, Activation, Dice, PReLU, build_activation
 from shardrec.models.layers.attention import MultiHeadSelfAttention, TransformerBlock, attention_mask, causal_mask
 from shardrec.models.layers.checks import (
     check_dense_embedding_dim,
@@ -30,9 +32,10 @@ from shardrec.models.layers.embedding import (
 )
 from shardrec.models.layers.first_order import FIRST_ORDER_DIM, LINEAR_SUFFIX, FirstOrder, build_linear_ebc
 from shardrec.models.layers.groups import FeatureGroup, check_group_names, field_names, group_of, resolve_groups
-from shardrec.models.layers.mlp import MLP
+from shardrec.models.layers.mlp import MLP, NORMS, BatchNorm, MLPConfig, Norm, mlp_block
 
 __all__ = [
+    "ACTIVATIONS", "MLPConfig", "NORMS", "BatchNorm", "Norm", "PReLU", "mlp_block",
     "FIRST_ORDER_DIM", "LINEAR_SUFFIX", "MLP", "Activation", "DenseFieldEmbedding", "Dice", "FeatureGroup", "FirstOrder",
     "MultiHeadSelfAttention", "PositionEmbedding", "TransformerBlock", "attention_mask", "bag_config",
     "build_activation", "build_ebc", "build_ebc_if_tables", "build_linear_ebc", "causal_mask",
