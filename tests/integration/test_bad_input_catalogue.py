@@ -259,8 +259,8 @@ CASES = [
     Case("malformed -j", lambda w: ["submit", str(w.job_file), "-j", "2by2", "--dryrun"], ("2by2", "-j")),
     Case("more ranks than GPUs", lambda w: ["submit", str(w.job_file), "-s", "slurm", "-j", "1x4", "--gpu", "2", "--dryrun"],
          ("--gpu 2", "GPU")),
-    Case("submit: model needs dense", lambda w: ["submit", str(w.write_job("nodense2.yaml", model={"name": "deepfm"},
-         features={"dense": []})), "--dryrun"], ("deepfm", "features.dense")),
+    Case("submit: model needs sparse", lambda w: ["submit", str(w.write_job("nosparse2.yaml", features={"sparse": [], "tables": []})),
+         "--dryrun"], ("dlrm", "features.sparse")),
     # ---- serving
     Case("predict: missing feature column", lambda w: ["predict", "--model", str(w.export), "--data", str(_predict_data(w, "C2")),
          "--out", str(w.root / "scores.parquet"), "--id-column", "row_id", "--no-progress"], ("C2",),
