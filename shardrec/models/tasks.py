@@ -64,15 +64,17 @@ def task_loss(
 
 def serve_outputs(logits: torch.Tensor, tasks: list[LabelConfig]) -> torch.Tensor:
     """What a served model returns: per task a probability (binary), the value (regression) or
-    the class probabilities (multiclass), in the logits' layout."""
+    the class probabilities (multiclass); ``[B]`` when the tasks have one output in all, else
+    ``[B, W]``. The layout comes from ``tasks`` alone, so fx can trace it (the export does)."""
     if all(t.type == "binary" for t in tasks):
         return torch.sigmoid(logits)
+    width = sum(t.width for t in tasks)
     parts = []
     for o, t in zip(split_outputs(logits, tasks), tasks):
         p = torch.sigmoid(o) if t.type == "binary" else o.softmax(dim=1) if t.type == "multiclass" else o
-        parts.append(p.reshape(p.shape[0], -1))
+        parts.append(p.reshape(-1, t.width))
     out = torch.cat(parts, dim=1)
-    return out.squeeze(1) if logits.dim() == 1 else out
+    return out.squeeze(1) if width == 1 else out
 
 
 def require_binary(schema: FeatureSchema, *, model: str, why: str) -> None:

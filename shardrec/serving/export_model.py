@@ -48,6 +48,7 @@ from shardrec.data.schema import FeatureSchema, LabelConfig
 from shardrec.errors import CheckpointError, ConfigError
 from shardrec.job import JobConfig, load_job
 from shardrec.models import registry
+from shardrec.models.tasks import serve_outputs
 from shardrec.output import atomic_folder
 from shardrec.checkpoint.store import first_problems, read_meta, resolve_resume, table_of_key
 from shardrec.data.catalogue import Catalogue, catalogue_kjt, read_catalogue, write_item_embeddings
@@ -204,26 +205,13 @@ class ServingModule(nn.Module):
         super().__init__()
         self.model = model
         self.keys = keys
-        tasks = tasks or [LabelConfig(name="label")]
-        self.all_binary = all(t.type == "binary" for t in tasks)
-        self.spec = [(t.type, t.width) for t in tasks]
-        self.width = sum(t.width for t in tasks)
+        self.tasks = tasks or [LabelConfig(name="label")]
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Scores ``[B]`` (``[B, W]``) for dense ``[B, D]`` and the key-major ``values``/``lengths``:
         per task a probability (binary), a value (regression) or class probabilities (multiclass)."""
         kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths)
-        logits = self.model(dense, kjt)
-        if self.all_binary:
-            return torch.sigmoid(logits)
-        flat = logits.reshape(-1, self.width)
-        parts, start = [], 0
-        for kind, width in self.spec:  # unrolled by fx tracing
-            part = flat[:, start : start + width]
-            parts.append(torch.sigmoid(part) if kind == "binary" else part.softmax(dim=1) if kind == "multiclass" else part)
-            start += width
-        out = torch.cat(parts, dim=1)
-        return out.squeeze(1) if self.width == 1 else out
+        return serve_outputs(self.model(dense, kjt), self.tasks)
 
 
 class _Tower(nn.Module):
