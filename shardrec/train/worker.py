@@ -135,7 +135,9 @@ def _run_rank(args: argparse.Namespace, overrides: list[str], *, rank: int, logg
         if logged:
             rank_log.write_error(run_dir, rank, line=str(e), kind="lost" if isinstance(e, RankLostError) else "input")
         return 2
-    except Exception as e:
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException, not an Exception
         if interrupted(e):
             return INTERRUPTED
         if not logged:
