@@ -20,13 +20,14 @@ from typing import Any, Iterator, Literal
 import torch
 import yaml
 from torchx import specs
-from torchx.runner import Runner, get_runner
+from torchx.runner import Runner
+from torchx.schedulers import get_scheduler_factories
 from torchx.specs import AppDef, AppState, AppStatus, BindMount, CfgVal, VolumeMount
 
 from shardrec.data.prepare import resolve_data
-from shardrec.errors import ConfigError, LaunchError
+from shardrec.errors import ConfigError, LaunchError, ShardrecError
 from shardrec.job import JobConfig, dump_job, load_job
-from shardrec.launch import components
+from shardrec.launch import components, slurm
 from shardrec.launch.preflight import Launch, check_job
 from shardrec.sharding.planner import resolve_compute_device
 from shardrec.output import write_atomic
@@ -138,7 +139,8 @@ def runner() -> Runner:
     """This process's torchx runner; local_cwd jobs live as long as it does."""
     global _RUNNER
     if _RUNNER is None:
-        _RUNNER = get_runner()
+        # torchx's schedulers, with Slurm's replaced by one that works without accounting (launch/slurm.py).
+        _RUNNER = Runner("torchx", {**get_scheduler_factories(), "slurm": slurm.create_scheduler})
     return _RUNNER
 
 
@@ -271,6 +273,8 @@ def _scheduler_cfg(launch: LaunchConfig, run_dir: Path) -> dict[str, CfgVal]:
     cfg = opts.cfg_from_str(",".join(launch.scheduler_args))
     if launch.scheduler == "local_cwd":
         cfg.setdefault("log_dir", str(run_dir / "torchx"))
+    elif launch.scheduler == "slurm":
+        cfg.setdefault("log_dir", str(run_dir / slurm.LOG_DIR))
     try:
         return opts.resolve(cfg)
     except specs.InvalidRunConfigException as e:
@@ -288,6 +292,8 @@ def submit(sub: Submission) -> str:
     """Submits the job; returns its torchx app handle (``scheduler://session/app_id``)."""
     try:
         return runner().run(sub.app, sub.scheduler, cfg=sub.cfg)
+    except ShardrecError:
+        raise
     except Exception as e:  # noqa: BLE001 - schedulers fail in their own ways (no sbatch, no kube config ...)
         raise LaunchError(f"submitting to {sub.scheduler} failed: {type(e).__name__}: {e}") from e
 
