@@ -314,6 +314,11 @@ def _unknown(handle: str) -> str:
     if handle.startswith("local_cwd://"):
         message += (" (local_cwd jobs are known only to the process that submitted them, and end with it: "
                     "follow them in that `shardrec submit`; their logs stay in the run folder's torchx/)")
+    elif handle.startswith("slurm://"):
+        job_id = handle.rsplit("/", 1)[-1]
+        folder = slurm.remembered_log_dir(job_id)
+        message += (" (without accounting, Slurm forgets a job MinJobAge seconds after it ends, 300 by default; "
+                    "with it, sacct finds it" + (f"; its logs are in {folder}" if folder else "") + ")")
     return message
 
 

@@ -305,6 +305,13 @@ class Scheduler(SlurmScheduler):
         _remember(job_id, folder)
         return job_id
 
+    def _cancel_existing(self, app_id: str) -> None:
+        done = _run(["scancel", app_id])
+        if done is None:
+            raise LaunchError("scancel is not on PATH: cancel from a machine where Slurm's commands work")
+        if done.returncode != 0:
+            raise LaunchError(f"scancel {app_id} failed: {done.stderr.strip() or done.stdout.strip()}")
+
     def describe(self, app_id: str) -> Optional[DescribeAppResponse]:
         parts = components(app_id)
         if not parts:
