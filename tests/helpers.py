@@ -222,3 +222,31 @@ def write_catalogue(path: Path, *, text: bool = False, **_: Any) -> Path:
         cols["item_tokens"] = pa.array([item_tokens(i) for i in range(SEQ_ITEMS)], type=pa.list_(pa.int64()))
     pq.write_table(pa.table(cols), path)
     return path
+
+
+def train_losses(run: "Path") -> dict[int, float]:
+    """step -> loss of a run folder's metrics.jsonl train records (empty before the first)."""
+    import json
+
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+def checkpoint_weights(step_dir: "Path", out: "Path") -> dict:
+    """A DCP checkpoint's model and optimizer tensors by flat name (converted through ``out``)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(step_dir), str(out))
+    state = torch.load(out, weights_only=False)
+    return {f"model.{k}": v for k, v in state["model"].items()} | {
+        f"optim.{k}": v for k, v in _flat(state["optim"]).items() if isinstance(v, torch.Tensor)
+    }
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

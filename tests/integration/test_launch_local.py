@@ -17,9 +17,8 @@ from typing import Any, Callable
 import pytest
 import torch
 import yaml
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from helpers import tiny_job_dict
+from helpers import checkpoint_weights as _weights, tiny_job_dict, train_losses as _losses
 from shardrec.launch import cluster
 from shardrec.launch.spawn import free_port, worker_pid
 from shardrec.checkpoint import store as checkpoint
@@ -132,27 +131,6 @@ def test_killed_rank_restarts_and_resumes_to_the_uninterrupted_model(killed: Kil
     assert mine.keys() == theirs.keys()
     for key in mine:
         torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=0, msg=key)
-
-
-def _losses(run: Path) -> dict[int, float]:
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
-
-
-def _weights(step_dir: Path, out: Path) -> dict[str, torch.Tensor]:
-    dcp_to_torch_save(str(step_dir), str(out))
-    state = torch.load(out, weights_only=False)
-    return {f"model.{k}": v for k, v in state["model"].items()} | {
-        f"optim.{k}": v for k, v in _flat(state["optim"]).items() if isinstance(v, torch.Tensor)
-    }
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _wait_for(probe: Callable[[], Any], handle: str, *, timeout: float = 300) -> Any:

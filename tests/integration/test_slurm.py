@@ -21,9 +21,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 import yaml
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from helpers import tiny_job_dict
+from helpers import checkpoint_weights as _weights, tiny_job_dict, train_losses as _losses
 from shardrec.checkpoint import store as checkpoint
 from shardrec.launch import cluster
 from shardrec.launch.spawn import free_port, worker_pid
@@ -228,24 +227,3 @@ def _wait_for(probe: Callable[[], Any], handle: str, *, timeout: float = 300, en
             assert ended_ok or not status.is_terminal(), f"the job ended first: {cluster.format_status(handle, status)}"
         time.sleep(0.02)
     pytest.fail(f"timed out after {timeout} s waiting for {probe}")
-
-
-def _losses(run: Path) -> dict[int, float]:
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
-
-
-def _weights(step_dir: Path, out: Path) -> dict[str, torch.Tensor]:
-    dcp_to_torch_save(str(step_dir), str(out))
-    state = torch.load(out, weights_only=False)
-    return {f"model.{k}": v for k, v in state["model"].items()} | {
-        f"optim.{k}": v for k, v in _flat(state["optim"]).items() if isinstance(v, torch.Tensor)
-    }
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
