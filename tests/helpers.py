@@ -250,3 +250,17 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     for k, v in tree.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def restartable_job(tmp: "Path", *, steps: int, interval: int) -> "Path":
+    """A tiny job checkpointing every ``interval`` steps whose plan fits both 2x1 and 1x2 (sharding
+    types that do not group shards by node), written to ``tmp/job.yaml``: for the tests that kill
+    a rank and compare the resumed weights with an uninterrupted run's."""
+    import yaml
+
+    job = tiny_job_dict(
+        tmp, steps=steps, checkpoint={"enabled": True, "interval": interval, "keep_last_n": 2}, train={"log_interval": 1},
+        sharding={"default": {"sharding_types": ["table_wise", "row_wise"]}},
+    )
+    (tmp / "job.yaml").write_text(yaml.safe_dump(job))
+    return tmp / "job.yaml"

@@ -342,16 +342,16 @@ class Scheduler(SlurmScheduler):
         if folder is None:
             raise LaunchError(f"no log folder known for Slurm job {app_id}: it was not submitted from this machine "
                               "by shardrec, and the controller no longer knows it")
-        lines: Iterator[str] = split_lines_iterator(_follow(self, app_id, node_log(folder, app_id, f"{role_name}-{k}"), should_tail))
+        lines: Iterator[str] = split_lines_iterator(_follow(app_id, node_log(folder, app_id, f"{role_name}-{k}"), should_tail))
         return filter_regex(regex, lines) if regex else lines
 
 
-def _follow(sched: Scheduler, app_id: str, path: Path, tail: bool, poll_s: float = 0.5) -> Iterator[str]:
+def _follow(app_id: str, path: Path, tail: bool, poll_s: float = 0.5) -> Iterator[str]:
     """The lines of ``path``; with ``tail``, waits for it and for more until the job ends."""
 
-    def ended() -> bool:
-        desc = sched.describe(app_id)
-        return desc is None or is_terminal(desc.state)
+    def ended() -> bool:  # the state alone: describe would also read the logs of a failed job on every poll
+        parts = components(app_id)
+        return not parts or is_terminal(combined_state(parts))
 
     while not path.is_file():
         if not tail or ended():

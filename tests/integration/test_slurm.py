@@ -20,9 +20,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
-import yaml
 
-from helpers import checkpoint_weights as _weights, tiny_job_dict, train_losses as _losses
+from helpers import checkpoint_weights as _weights, restartable_job, train_losses as _losses
 from shardrec.checkpoint import store as checkpoint
 from shardrec.launch import cluster
 from shardrec.launch.spawn import free_port, worker_pid
@@ -73,14 +72,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("slurm-job")
-    job = tiny_job_dict(
-        tmp, steps=STEPS, checkpoint={"enabled": True, "interval": INTERVAL, "keep_last_n": 2}, train={"log_interval": 1},
-        # Sharding types that do not group shards by node: one plan fits 2x1 and 1x2.
-        sharding={"default": {"sharding_types": ["table_wise", "row_wise"]}},
-    )
-    (tmp / "job.yaml").write_text(yaml.safe_dump(job))
-    return tmp / "job.yaml"
+    return restartable_job(tmp_path_factory.mktemp("slurm-job"), steps=STEPS, interval=INTERVAL)
 
 
 def _cli(*args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
