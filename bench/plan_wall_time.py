@@ -6,7 +6,8 @@ Each case runs the real CLI in a fresh process (imports included, as a user wait
   the memory lower bound; its baseline is the same plan with the bound switched off (the search
   torchrec runs without it), stopped at ``--baseline-cap`` seconds.
 - fitting: 1,000 tables of mixed scales (10^3 to 10^7 rows, dim 16 to 128) on 4x8xH100 with
-  the default ``sharding.search_seconds``; its baseline is the unbounded search (every candidate).
+  the default ``sharding.search_seconds``; its baseline is every candidate searched with its own
+  estimates (torchrec's enumerator per candidate, as before the shared estimate cache), no budget.
 
 Usage: ``python bench/plan_wall_time.py [--baseline-cap 300]``; prints a markdown table.
 """
@@ -26,6 +27,11 @@ NO_BOUND = (
     "import sys; from shardrec.sharding import objectives; objectives.check_memory_bound = lambda *a, **k: None; "
     "from shardrec.cli import main; sys.exit(main(sys.argv[1:]))"
 )
+UNSHARED = (
+    "import sys; from shardrec.sharding import planner; "
+    "planner.SharedEstimateEnumerator.populate_estimates = planner.EmbeddingEnumerator.populate_estimates; "
+    "from shardrec.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def write_tables(path: Path, *, fitting: bool) -> Path:
@@ -42,9 +48,10 @@ def write_tables(path: Path, *, fitting: bool) -> Path:
     return path
 
 
-def timed(args: list[str], *, no_bound: bool = False, cap: float | None = None) -> tuple[float, int | None, str]:
-    """Seconds, exit code (None when stopped at ``cap``) and the last stderr line of one CLI run."""
-    cmd = [sys.executable, "-c", NO_BOUND, *args] if no_bound else [sys.executable, "-m", "shardrec.cli", *args]
+def timed(args: list[str], *, patch: str | None = None, cap: float | None = None) -> tuple[float, int | None, str]:
+    """Seconds, exit code (None when stopped at ``cap``) and the last stderr line of one CLI run;
+    ``patch``: a program that changes shardrec before running its CLI."""
+    cmd = [sys.executable, "-c", patch, *args] if patch else [sys.executable, "-m", "shardrec.cli", *args]
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=cap)
@@ -70,7 +77,7 @@ def main() -> None:
         for name, cli_args, impossible_case in runs:
             now = timed(cli_args)
             base_args = cli_args if impossible_case else [*cli_args, "--search-seconds", "100000"]
-            base = timed(base_args, no_bound=impossible_case, cap=args.baseline_cap)
+            base = timed(base_args, patch=NO_BOUND if impossible_case else UNSHARED, cap=args.baseline_cap)
             exit_base = "stopped" if base[1] is None else base[1]
             ratio = f"{'>' if base[1] is None else ''}{base[0] / now[0]:.1f}x"
             print(f"| {name} | {now[0]:.1f} ({now[1]}) | {base[0]:.1f} ({exit_base}) | {ratio} |", flush=True)

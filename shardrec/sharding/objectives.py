@@ -37,7 +37,7 @@ from torchrec.distributed.types import ModuleSharder
 from shardrec.errors import PlanError
 from shardrec.sharding.memory_bound import check_memory_bound, memory_bound
 from shardrec.sharding.config import ShardingConfig, TableConstraint
-from shardrec.sharding.planner import PlanResult, TopologySpec, make_plan
+from shardrec.sharding.planner import EstimateCache, PlanResult, TopologySpec, make_plan
 from shardrec.sharding.report import PlanReport, build_report
 
 Objective = Literal["default", "perf", "memory", "balanced"]
@@ -146,15 +146,17 @@ def try_candidate(
     free: list[str],
     pooling: dict[str, float] | None,
     sharders: list[ModuleSharder[nn.Module]] | None,
+    estimates: EstimateCache | None = None,
 ) -> Outcome:
-    """Plans one candidate (in this process only) and reports it."""
+    """Plans one candidate (in this process only) and reports it; ``estimates`` is shared by the
+    candidates of one search."""
     start = time.perf_counter()
     big = big_tables(tables, topology.world_size)
     try:
         result = make_plan(
             model, cfg=_config(cfg, candidate, free, big), tables=tables, topology=topology, pg=None, sharders=sharders,
             pooling=pooling, partitioner=MemoryBalancedPartitioner(tolerance=0.1) if candidate.memory_balanced else None,
-            proposer=None if candidate.min_partition is None else BestPerTableProposer(),
+            proposer=None if candidate.min_partition is None else BestPerTableProposer(), estimates=estimates,
         )
     except PlanError as e:
         return Outcome(candidate, None, None, time.perf_counter() - start, error=str(e))
@@ -200,7 +202,7 @@ def plan_for_objective(
     with_default = with_default or objective == "default" or len(tables) * topology.world_size <= DEFAULT_BUDGET
     todo = candidates(with_default=with_default) if free and objective != "default" else candidates()[:1]
     check_memory_bound(memory_bound(model, tables=tables, topology=topology, cfg=cfg), topology=topology)
-    start, outcomes = time.perf_counter(), []
+    start, outcomes, estimates = time.perf_counter(), [], {}
     for c in todo:
         spent = time.perf_counter() - start
         if spent > cfg.search_seconds and any(o.report is not None for o in outcomes):
@@ -208,7 +210,7 @@ def plan_for_objective(
                                     f"spent ({spent:.0f} s); raise it to search further"))
             continue
         outcomes.append(try_candidate(c, model, cfg=cfg, tables=tables, topology=topology, free=free, pooling=pooling,
-                                      sharders=sharders))
+                                      sharders=sharders, estimates=estimates))
     return choose(outcomes, objective), outcomes
 
 
