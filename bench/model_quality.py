@@ -61,7 +61,7 @@ MLP_KEYS: dict[str, dict[str, Any]] = {
     "rocket_launching": {"booster_layer_sizes": MLP, "light_layer_sizes": [32]},
     "din": {"mlp_layer_sizes": MLP},
     "dien": {"mlp_layer_sizes": MLP},
-    "bst": {"mlp_layer_sizes": MLP},
+    "bst": {"mlp_layer_sizes": MLP, "norm_first": True, "target_in_mlp": True},
 }
 
 

@@ -30,6 +30,10 @@ class BSTConfig:
     """Attention heads; must divide the history table's embedding_dim."""
     dropout: float = 0.1
     """Dropout on the attention and feed-forward outputs."""
+    norm_first: bool = False
+    """Pre-norm layers (``x + Attn(LN(x))``); False: the paper's post-norm (``LN(x + Attn(x))``)."""
+    target_in_mlp: bool = False
+    """Also feed the target item's own embedding to the MLP, beside the transformer outputs."""
     mlp_layer_sizes: list[int] = field(default_factory=lambda: [1024, 512, 256])
     """Hidden widths of the final LeakyReLU MLP; a width-1 layer (the logit) follows."""
     mlp: MLPConfig = field(default_factory=MLPConfig)
@@ -100,10 +104,11 @@ class BST(nn.Module):
         # LeakyReLU FFN 4x wide; attention skips padded keys (every row keeps its target).
         self.layers = nn.ModuleList(
             TransformerBlock(layout.dim, config.num_heads, ffn_dim=4 * layout.dim, activation="leaky_relu",
-                             dropout=config.dropout, norm_first=False, device=device)
+                             dropout=config.dropout, norm_first=config.norm_first, device=device)
             for _ in range(config.num_layers)
         )
-        mlp_in = (layout.max_len + 1) * layout.dim + layout.context_dim + layout.num_dense
+        self.target_in_mlp = config.target_in_mlp
+        mlp_in = (layout.max_len + 1 + int(config.target_in_mlp)) * layout.dim + layout.context_dim + layout.num_dense
         self.mlp = mlp_block(mlp_in, [*config.mlp_layer_sizes, schema.output_width], config=config.mlp, key="model.mlp",
                              activation="leaky_relu", logit=True, device=device)
 
@@ -119,7 +124,8 @@ class BST(nn.Module):
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
         history, mask, target, context = self.inputs(sparse_features)
         encoded = self.encode(history, mask, target)
-        return self.mlp(torch.cat([encoded, context, dense_features], dim=1)).squeeze(-1)
+        parts = [encoded, target, context, dense_features] if self.target_in_mlp else [encoded, context, dense_features]
+        return self.mlp(torch.cat(parts, dim=1)).squeeze(-1)
 
 
 @register("bst", BSTConfig)

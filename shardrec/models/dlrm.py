@@ -12,13 +12,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import (
+    DenseFieldEmbedding,
     MLPConfig,
     build_ebc,
+    check_dense_embedding_dim,
     check_features,
     check_layer_sizes,
+    field_dim,
     mlp_block,
     pooled_by_feature,
-    shared_embedding_dim,
 )
 from shardrec.models.registry import register
 
@@ -39,8 +41,13 @@ class DLRMConfig:
     """The bottom MLP over the dense features (ReLU after every layer by default); unset keys: ``mlp``'s."""
     over_arch_mlp: MLPConfig = field(default_factory=MLPConfig)
     """The top MLP, ending in the logit; unset keys: ``mlp``'s."""
+    dense_embedding_dim: int | None = None
+    """For a schema without sparse features: each dense feature becomes a field ``v_j * x_j`` of this
+    width, interacting with the bottom MLP's output in place of the id embeddings (the bottom MLP
+    then ends in this width). Unset with tables: their embedding_dim."""
 
     def __post_init__(self) -> None:
+        check_dense_embedding_dim(self.dense_embedding_dim)
         check_layer_sizes(self.dense_arch_layer_sizes, key="model.dense_arch_layer_sizes")
         check_layer_sizes(self.over_arch_layer_sizes, key="model.over_arch_layer_sizes")
         if self.over_arch_layer_sizes[-1] != 1:
@@ -83,7 +90,9 @@ class DLRM(nn.Module):
     Dense features go through a bottom MLP to the embedding width D; the pairwise dot products of
     [bottom output, each feature's pooled embedding], concatenated with the bottom output, go
     through a top MLP to one logit. Without dense features there is no bottom MLP: the top MLP
-    reads the pairwise dot products of the embeddings alone.
+    reads the pairwise dot products of the embeddings alone. Without sparse features each dense
+    feature is embedded as a field (``model.dense_embedding_dim``) and these fields take the id
+    embeddings' place, so the dot products are a factorization machine over the dense features.
 
     Example::
 
@@ -98,11 +107,13 @@ class DLRM(nn.Module):
 
     def __init__(self, *, schema: FeatureSchema, config: DLRMConfig, device: torch.device) -> None:
         super().__init__()
-        check_features(schema, model="dlrm", needs_ids="its interaction layer takes dot products of id embeddings")
-        dim = shared_embedding_dim(schema, model="dlrm")
+        check_features(schema, model="dlrm")
+        dim = field_dim(schema, configured=config.dense_embedding_dim, model="dlrm")
         self.feature_names = schema.sparse_names
-        num_f = len(self.feature_names)
-        self.ebc = build_ebc(schema, device=device)
+        # Dense alone: the dense features, embedded, are the fields the interaction takes.
+        self.dense_fields = DenseFieldEmbedding(len(schema.dense), dim, init="normal", device=device) if not schema.sparse else None
+        num_f = len(self.feature_names) if schema.sparse else len(schema.dense)
+        self.ebc = build_ebc(schema, device=device) if schema.sparse else None
         dense_mlp, over_mlp = config.dense_arch_mlp.over(config.mlp), config.over_arch_mlp.over(config.mlp)
         self.dense_arch: nn.Module | None = None
         if schema.dense:
@@ -118,7 +129,10 @@ class DLRM(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns logits ``[B]`` for dense ``[B, num_dense]`` and a KJT keyed by the sparse features."""
-        sparse = torch.stack(pooled_by_feature(self.ebc(sparse_features), self.feature_names), dim=1)
+        if self.dense_fields is not None:
+            sparse = self.dense_fields(dense_features)
+        else:
+            sparse = torch.stack(pooled_by_feature(self.ebc(sparse_features), self.feature_names), dim=1)
         if self.dense_arch is None:
             return self.over_arch(dot_interaction(None, sparse)).squeeze(-1)
         dense = self.dense_arch(dense_features)
@@ -137,8 +151,9 @@ def _check_pairs(num_sparse: int) -> None:
 def _check_dense_arch(sizes: list[int], dim: int) -> None:
     if sizes[-1] != dim:
         raise ConfigError(
-            f"'model.dense_arch_layer_sizes' must end in the tables' embedding_dim ({dim}) so the bottom "
-            f"output can be dotted with the embeddings, got {sizes}; set its last entry to {dim}"
+            f"'model.dense_arch_layer_sizes' must end in the fields' width ({dim}: the tables' embedding_dim, or "
+            f"'model.dense_embedding_dim' without tables) so the bottom output can be dotted with the fields, got {sizes}; "
+            f"set its last entry to {dim}"
         )
 
 

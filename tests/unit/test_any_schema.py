@@ -29,9 +29,8 @@ ROWS = 50
 DIM = 8
 RANKING = [n for n in registry.names() if not registry.get(n).retrieval]
 """Every ranking and multi-task model: all but the retrieval ones (user and item towers)."""
-NEEDS_IDS = {"dlrm", *SEQUENCE_MODELS}
-"""Models that cannot work on dense features alone: DLRM interacts id embeddings, the sequence
-models read a history of ids."""
+NEEDS_IDS = set(SEQUENCE_MODELS)
+"""Models that cannot work on dense features alone: the sequence models read a history of ids."""
 
 
 def _sparse_only(name: str) -> FeatureSchema:
@@ -151,6 +150,17 @@ def test_dense_only_deepfm_embeds_each_dense_field() -> None:
     model = _build("deepfm", _dense_only("deepfm"))
     assert model.dense_embedding.weight.shape == (3, DIM)
     assert model.ebc is None and model.first_order.ebc is None
+
+
+def test_dense_only_dlrm_interacts_the_embedded_dense_fields() -> None:
+    model = _build("dlrm", _dense_only("dlrm"))
+    assert model.ebc is None and model.dense_fields.weight.shape == (3, DIM)
+    # Bottom output plus 3 fields: 4 * 3 / 2 dot products beside the bottom output.
+    first = next(m for m in model.over_arch.modules() if isinstance(m, torch.nn.Linear))
+    assert first.in_features == DIM + 6
+    with pytest.raises(ConfigError, match=r"dense_arch_layer_sizes' must end in the fields' width \(8"):
+        registry.build_model("dlrm", {"dense_embedding_dim": DIM, "dense_arch_layer_sizes": [16, 4]}, schema=_dense_only("dlrm"),
+                             device=torch.device("meta"))
 
 
 def test_dlrm_without_dense_needs_two_sparse_features() -> None:

@@ -43,7 +43,7 @@ def _error(overrides: list[str]) -> str:
         ("train.colour=red", "train.colour", TRAIN_KEYS),
         ("train.sparse_optimizer.colour=red", "train.sparse_optimizer.colour", "eps, lr, name, weight_decay"),
         ("sharding.tables={t_C1: {colour: red}}", "sharding.tables.t_C1.colour", "cache_load_factor, compute_kernels, min_partition, sharding_types"),
-        ("model.colour=red", "model.colour", "dense_arch_layer_sizes, dense_arch_mlp, mlp, over_arch_layer_sizes, over_arch_mlp"),
+        ("model.colour=red", "model.colour", "dense_arch_layer_sizes, dense_arch_mlp, dense_embedding_dim, mlp, over_arch_layer_sizes, over_arch_mlp"),
     ],
 )
 def test_unknown_key_names_full_dotted_key_and_valid_keys(override: str, full_key: str, valid: str) -> None:

@@ -172,7 +172,7 @@ def test_widedeep_accepts_mixed_embedding_dims() -> None:
 
 
 def test_dlrm_dense_arch_must_end_in_embedding_dim() -> None:
-    with pytest.raises(ConfigError, match=r"model\.dense_arch_layer_sizes.*\(8\)"):
+    with pytest.raises(ConfigError, match=r"model\.dense_arch_layer_sizes.*\(8: the tables. embedding_dim"):
         registry.build_model("dlrm", {"dense_arch_layer_sizes": [16, 4]}, schema=_schema(), device=CPU)
 
 

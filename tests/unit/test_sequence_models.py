@@ -60,6 +60,20 @@ def test_bst_mask_hides_padding() -> None:
     assert not torch.equal(model.encode(history * 2, mask, target), model.encode(history, mask, target))
 
 
+def test_bst_pre_norm_and_target_in_the_mlp() -> None:
+    paper, variant = _build("bst"), _build("bst", norm_first=True, target_in_mlp=True)
+    assert [b.norm_first for b in paper.layers] == [False] and [b.norm_first for b in variant.layers] == [True]
+    first = lambda m: next(l for l in m.mlp.modules() if isinstance(l, nn.Linear))  # noqa: E731
+    assert first(variant).in_features == first(paper).in_features + DIM  # the target's embedding, once more
+    history, mask, target = _padded()
+    x, seq_mask = torch.cat([target.unsqueeze(1), history], 1), torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
+    block = variant.layers[0].eval()
+    # Pre-norm: the residual stream is not normalized, so scaling the input moves the output's norm.
+    assert not torch.allclose(block(x * 3, seq_mask).norm(dim=-1), block(x, seq_mask).norm(dim=-1), rtol=0.1)
+    with pytest.raises(ConfigError, match="target_in_mlpz"):
+        _build("bst", target_in_mlpz=True)
+
+
 def test_augru_with_zero_attention_keeps_the_state() -> None:
     cell = AUGRUCell(DIM, DIM, device=CPU)
     x, h = torch.randn(3, DIM), torch.randn(3, DIM)
