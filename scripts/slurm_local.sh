@@ -2,25 +2,35 @@
 # A real single-host Slurm cluster from the distribution's packages (slurm-wlm, munge), for trying
 # `shardrec submit -s slurm` on a laptop and for the tests marked `slurm`.
 #
-#   scripts/slurm_local.sh install    apt-get install slurm-wlm munge (root)
+#   scripts/slurm_local.sh install    apt-get install slurm-wlm munge, and slurmdbd mariadb-server
+#                                     for accounting (root)
 #   scripts/slurm_local.sh start      munge key, slurm.conf for this host, slurmctld + slurmd
 #                                     (two nodes, n1 and n2, where slurmd runs several per host),
 #                                     waits until every node is idle; prints the SLURM_CONF to export
+#   scripts/slurm_local.sh start --accounting
+#                                     the same with accounting on: a MariaDB server and slurmdbd
+#                                     (accounting_storage/slurmdbd), so sacct answers
 #   scripts/slurm_local.sh stop       stops what start started (by pid)
 #   scripts/slurm_local.sh status     sinfo of the running cluster
 #   scripts/slurm_local.sh env        the line to eval: export SLURM_CONF=...
 #
 # Everything lives under $SHARDREC_SLURM_DIR (default /tmp/shardrec-slurm): config, spool, state,
 # logs and pid files; nothing is written under /etc/slurm, so an installed cluster stays untouched.
-# Accounting is off (accounting_storage/none), as on many small clusters: sacct then fails, and
-# shardrec reads job states from scontrol instead. The daemons run as root, so start and stop need
-# root (or sudo).
+# Accounting is off (accounting_storage/none) unless --accounting, as on many small clusters: sacct
+# then fails, and shardrec reads job states from scontrol instead. With --accounting the controller
+# also forgets finished jobs after MinJobAge=$SHARDREC_SLURM_MIN_JOB_AGE s (default 10), so their
+# states come from sacct; the MariaDB data live under $DIR/mysql. The daemons run as root, so start
+# and stop need root (or sudo).
 set -euo pipefail
 
 DIR=${SHARDREC_SLURM_DIR:-/tmp/shardrec-slurm}
 CONF=$DIR/etc/slurm.conf
 HOST=$(hostname -s)
 CTLD_PORT=${SHARDREC_SLURM_PORT:-16817}
+DBD_PORT=$((CTLD_PORT + 10))
+DB_PORT=$((CTLD_PORT + 11))
+DB_SOCKET=$DIR/mysql/mysqld.sock
+DB_PASS=shardrec-local
 NODES=(n1 n2)
 
 die() { echo "slurm_local.sh: $*" >&2; exit 1; }
@@ -37,6 +47,12 @@ cmd_install() {
     command -v apt-get >/dev/null || die "install uses apt-get (Debian, Ubuntu); install slurm-wlm and munge with your distribution's tool"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null
     echo "installed: $(slurmd -V)"
+    # Accounting's packages are optional: without them start --accounting says so, the rest works.
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmdbd mariadb-server >/dev/null; then
+        echo "installed: $(slurmdbd -V), $(mariadbd --version | cut -d' ' -f2-4)"
+    else
+        echo "slurmdbd or mariadb-server did not install: start --accounting will not work" >&2
+    fi
 }
 
 # Whether this slurmd was built with --enable-multiple-slurmd: it then serves a node named by -N
@@ -44,7 +60,7 @@ cmd_install() {
 multiple_slurmd() { [ "${SHARDREC_SLURM_NODES:-2}" = 2 ]; }
 
 write_conf() {
-    local cpus mem_mb node_mem nodes_line=() n port=$((CTLD_PORT + 1))
+    local cpus mem_mb node_mem nodes_line=() n port=$((CTLD_PORT + 1)) accounting=$2
     cpus=$(nproc)
     mem_mb=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
     mkdir -p "$DIR"/{etc,state,log,run}
@@ -79,7 +95,6 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # Each virtual node claims the host's CPUs: slurmd must not drain them for having fewer.
 SlurmdParameters=config_overrides
-AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
@@ -87,8 +102,34 @@ ReturnToService=2
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=10
-MinJobAge=300
 EOF
+    if [ "$accounting" = 1 ]; then
+        cat >>"$CONF" <<EOF
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+MinJobAge=${SHARDREC_SLURM_MIN_JOB_AGE:-10}
+EOF
+        # slurmdbd reads slurmdbd.conf beside slurm.conf; it holds the database password: 600.
+        (umask 077; cat >"$DIR/etc/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$DIR/run/slurmdbd.pid
+LogFile=$DIR/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$DB_PASS
+StorageLoc=slurm_acct_db
+EOF
+        )
+    else
+        printf '%s\n' "AccountingStorageType=accounting_storage/none" "MinJobAge=300" >>"$CONF"
+    fi
     printf '%s\n' "${nodes_line[@]}" >>"$CONF"
     echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >>"$CONF"
 }
@@ -133,6 +174,44 @@ remove_hosts() {
     fi
 }
 
+# A MariaDB server of our own (its data under $DIR/mysql, TCP on 127.0.0.1:$DB_PORT) with the
+# database and user slurmdbd needs; it runs as root, so a private temporary $DIR works.
+start_db() {
+    command -v mariadbd >/dev/null && command -v mariadb-install-db >/dev/null ||
+        die "start --accounting needs MariaDB: run 'sudo $0 install' (apt-get install mariadb-server slurmdbd)"
+    mkdir -p "$DIR/mysql"
+    if [ ! -d "$DIR/mysql/data/mysql" ]; then
+        mariadb-install-db --user=root --datadir="$DIR/mysql/data" --skip-test-db >"$DIR/log/mariadb-install.log" 2>&1 ||
+            die "mariadb-install-db failed; see $DIR/log/mariadb-install.log"
+    fi
+    mariadbd --user=root --datadir="$DIR/mysql/data" --socket="$DB_SOCKET" --port="$DB_PORT" --bind-address=127.0.0.1 \
+        --pid-file="$DIR/run/mariadb.pid" --log-error="$DIR/log/mariadb.log" --skip-name-resolve >/dev/null 2>&1 &
+    local deadline=$((SECONDS + 60))
+    until mariadb-admin --socket="$DB_SOCKET" -uroot ping >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || die "MariaDB did not answer within 60 s; see $DIR/log/mariadb.log"
+        sleep 0.5
+    done
+    mariadb --socket="$DB_SOCKET" -uroot <<EOF
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+EOF
+}
+
+start_dbd() {
+    command -v slurmdbd >/dev/null || die "start --accounting needs slurmdbd: run 'sudo $0 install'"
+    SLURM_CONF=$CONF slurmdbd
+    local deadline=$((SECONDS + 60))
+    # sacctmgr answers once slurmdbd has its database; the cluster must be known before slurmctld registers.
+    until SLURM_CONF=$CONF sacctmgr -n list cluster format=cluster 2>/dev/null | grep -qw shardrec ||
+        SLURM_CONF=$CONF sacctmgr -i add cluster shardrec >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || die "slurmdbd did not answer within 60 s; see $DIR/log/slurmdbd.log"
+        sleep 0.5
+    done
+}
+
 wait_idle() {
     local deadline=$((SECONDS + 60)) states
     while [ $SECONDS -lt $deadline ]; do
@@ -149,6 +228,12 @@ wait_idle() {
 cmd_start() {
     need_root start
     need_packages
+    local accounting=0
+    case "${1:-}" in
+        --accounting) accounting=1 ;;
+        "") ;;
+        *) die "unknown start option '$1'; start takes --accounting or nothing" ;;
+    esac
     if [ -s "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 2>/dev/null; then
         echo "already running; stop it first ($0 stop)" >&2
         cmd_env
@@ -156,10 +241,14 @@ cmd_start() {
     fi
     local count=1
     if multiple_slurmd; then count=2; fi
-    write_conf $count
+    write_conf $count $accounting
     [ $count = 2 ] && add_hosts
     mkdir -p "$DIR/run"
     start_munge
+    if [ $accounting = 1 ]; then
+        start_db
+        start_dbd
+    fi
     slurmctld -f "$CONF" -i  # -i: ignore state left by an earlier start
     if [ $count = 2 ]; then
         for n in "${NODES[@]}"; do slurmd -f "$CONF" -N "$n"; done
@@ -167,7 +256,7 @@ cmd_start() {
         slurmd -f "$CONF"
     fi
     wait_idle
-    echo "nodes: $count; config: $CONF"
+    echo "nodes: $count; accounting: $([ $accounting = 1 ] && echo "slurmdbd on 127.0.0.1:$DBD_PORT" || echo off); config: $CONF"
     cmd_env
 }
 
@@ -187,7 +276,7 @@ cmd_stop() {
     if [ -s "$DIR/run/slurmctld.pid" ]; then
         SLURM_CONF=$CONF scancel --state=RUNNING --state=PENDING --full 2>/dev/null || true
     fi
-    for f in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/run/munged.pid"; do
+    for f in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/run/slurmdbd.pid" "$DIR/run/mariadb.pid" "$DIR/run/munged.pid"; do
         [ -e "$f" ] && stop_pid "$f"
     done
     remove_hosts
@@ -203,9 +292,9 @@ cmd_env() { echo "export SLURM_CONF=$CONF"; }
 
 case "${1:-}" in
     install) cmd_install ;;
-    start) cmd_start ;;
+    start) cmd_start "${2:-}" ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) cmd_env ;;
-    *) echo "usage: $0 install|start|stop|status|env" >&2; exit 2 ;;
+    *) echo "usage: $0 install|start [--accounting]|stop|status|env" >&2; exit 2 ;;
 esac

@@ -1,9 +1,12 @@
-"""A real Slurm (slurm-wlm, munge), accounting off: submit, wait, status, logs, cancel, a killed
-rank restarted and resumed, a job failing on bad config. Marked ``slurm``.
+"""A real Slurm (slurm-wlm, munge): submit, wait, status, logs, cancel, a killed rank restarted and
+resumed, a job failing on bad config; each with accounting off and on (slurmdbd over MariaDB,
+where the controller forgets ended jobs after 10 s, so their states come from sacct). Marked
+``slurm``.
 
-The cluster is the one SLURM_CONF names when its controller answers, else one that
-scripts/slurm_local.sh starts for these tests (needs root and the packages; .ci/run installs them
-where it can); otherwise every test here is skipped with the reason.
+The cluster is the one SLURM_CONF names when its controller answers (the tests of its accounting
+mode run, the others skip), else one that scripts/slurm_local.sh starts for these tests (needs
+root and the packages; .ci/run installs them where it can); otherwise the tests are skipped with
+the reason.
 """
 
 from __future__ import annotations
@@ -41,19 +44,32 @@ def _answers(env: dict[str, str]) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """The environment that reaches a running Slurm (SLURM_CONF set), started here if need be."""
+def _has_accounting(env: dict[str, str]) -> bool:
+    config = subprocess.run(["scontrol", "show", "config"], env=env, capture_output=True, text=True, timeout=20).stdout
+    return "accounting_storage/slurmdbd" in config
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["no-accounting", "accounting"])
+def slurm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The environment that reaches a running Slurm (SLURM_CONF set), started here if need be;
+    with accounting (slurmdbd) or without, as the parameter says."""
+    accounting: bool = request.param
+    mode = "with accounting" if accounting else "without accounting"
     if os.environ.get("SLURM_CONF") and _answers(dict(os.environ)):
+        if _has_accounting(dict(os.environ)) != accounting:
+            pytest.skip(f"the cluster SLURM_CONF names runs {'without' if accounting else 'with'} accounting; these tests need one {mode}")
         yield {}
         return
     if shutil.which("slurmctld") is None or shutil.which("munged") is None:
         pytest.skip("Slurm is not installed (sudo scripts/slurm_local.sh install: the slurm-wlm and munge packages)")
+    if accounting and (shutil.which("slurmdbd") is None or shutil.which("mariadbd") is None):
+        pytest.skip("Slurm accounting is not installed (sudo scripts/slurm_local.sh install: the slurmdbd and mariadb-server packages)")
     if os.geteuid() != 0:
         pytest.skip("starting a Slurm here needs root (its daemons run as root): run scripts/slurm_local.sh start with sudo")
-    state = tmp_path_factory.mktemp("slurm")
+    state = tmp_path_factory.mktemp("slurm-acct" if accounting else "slurm")
     env = {**os.environ, "SHARDREC_SLURM_DIR": str(state), "SHARDREC_SLURM_PORT": str(free_port())}
-    started = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=180)
+    started = subprocess.run([str(SCRIPT), "start", *(["--accounting"] if accounting else [])], env=env, capture_output=True,
+                             text=True, timeout=180)
     if started.returncode != 0:
         pytest.fail(f"scripts/slurm_local.sh start failed:\n{started.stdout}\n{started.stderr}")
     extra = {"SLURM_CONF": str(state / "etc" / "slurm.conf"), "SHARDREC_SLURM_JOBS": str(state / "jobs.tsv")}
@@ -188,6 +204,31 @@ def test_job_failing_on_bad_config_names_the_node_and_the_error(slurm: dict[str,
     for node in ("0", "1"):  # both ranks' logs, each with the error line
         logs = _cli("logs", handle, "--node", node)
         assert logs.returncode == 0 and "unknown config key 'train.stepz'" in logs.stdout, logs.stdout[-2000:] + logs.stderr
+    if _has_accounting(dict(os.environ)):  # once the controller forgets it, sacct gives the same answer
+        job_id = handle.rsplit("/", 1)[1]
+        _poll(lambda: subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).returncode != 0, 180)
+        later = _cli("status", handle)
+        assert later.returncode == 0 and f"{handle}: FAILED" in later.stdout, later.stdout + later.stderr
+        assert "shardrec: error: unknown config key 'train.stepz'" in later.stdout and "trainer-" in later.stdout, later.stdout
+        _no_traceback(later)
+
+
+def test_accounting_reports_a_job_the_controller_forgot(
+    slurm: dict[str, str], two_nodes: tuple[subprocess.CompletedProcess[str], str, Path]
+) -> None:
+    if not _has_accounting(dict(os.environ)):
+        pytest.skip("needs accounting: without it a forgotten job is an error (test_forgotten_job_is_a_clear_error)")
+    _, handle, run = two_nodes
+    job_id = handle.rsplit("/", 1)[1]
+    # MinJobAge=10 on the accounting cluster: the controller drops the ended job within a purge cycle.
+    _poll(lambda: subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).returncode != 0, 180)
+    acct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id], capture_output=True, text=True)
+    assert acct.returncode == 0 and "COMPLETED" in acct.stdout, acct.stdout + acct.stderr
+    status = _cli("status", handle)
+    assert status.returncode == 0 and f"{handle}: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    _no_traceback(status)
+    logs = _cli("logs", handle, "--node", "1")  # the log folder from the registry of submitted jobs
+    assert logs.returncode == 0 and logs.stdout == (run / "slurm" / f"slurm-{job_id}-trainer-1.log").read_text()
 
 
 def test_forgotten_job_is_a_clear_error(slurm: dict[str, str]) -> None:
