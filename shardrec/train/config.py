@@ -114,6 +114,9 @@ class TrainConfig:
     """Seed of initialization; the same seed gives the same run."""
     progress_bar: bool = True
     """Show a progress bar with samples/s on rank 0."""
+    tensorboard: bool = True
+    """Write train loss, samples/s, learning rates and every eval metric as TensorBoard scalars
+    under ``<run>/tensorboard`` (rank 0; ``tensorboard --logdir <run>/tensorboard``)."""
     timeout_s: float = 600.0
     """Seconds a collective may wait for another rank before the job fails."""
     sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)

@@ -111,12 +111,19 @@ HEADLINE = ("auc", "rmse", "mae", "r2", "accuracy", "log_loss")
 """Metrics the progress line shows, when a run has them."""
 
 
-class MetricsLog:
-    """Appends one JSON object per line to ``path``; only rank 0 writes."""
+TENSORBOARD_KINDS = ("train", "eval")
+"""Records also written as TensorBoard scalars, each numeric field as ``<kind>/<field>`` at its step."""
 
-    def __init__(self, path: Path, *, enabled: bool) -> None:
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path``; only rank 0 writes. With ``tensorboard`` (a
+    folder), train and eval records also go there as TensorBoard scalars."""
+
+    def __init__(self, path: Path, *, enabled: bool, tensorboard: Path | None = None) -> None:
         self.path = path
         self.enabled = enabled
+        self.tensorboard = tensorboard
+        self._writer: Any = None
 
     def write(self, kind: str, **fields: Any) -> None:
         """Appends ``{"kind": kind, "time": ..., **fields}``."""
@@ -124,3 +131,23 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
+        if self.tensorboard is not None and kind in TENSORBOARD_KINDS and "step" in fields:
+            writer = self._tensorboard_writer()
+            for name, value in fields.items():
+                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(f"{kind}/{name}", value, global_step=int(fields["step"]))
+            if kind == "eval":
+                writer.flush()  # an evaluation is worth seeing at once; train scalars flush on their own
+
+    def _tensorboard_writer(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where used
+
+            self._writer = SummaryWriter(log_dir=str(self.tensorboard), flush_secs=10)
+        return self._writer
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard writer, if one was opened."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

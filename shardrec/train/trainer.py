@@ -73,7 +73,8 @@ class Trainer:
 
     def __init__(self, job: JobConfig, *, ctx: DistContext, run_dir: Path, data: DataPaths) -> None:
         self.job, self.ctx, self.run_dir, self.data = job, ctx, run_dir, data
-        self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
+        self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main,
+                              tensorboard=run_dir / "tensorboard" if job.train.tensorboard else None)
         self.features = self.feature_schema()
         self.model = self.build_model()
         self.optimizer = build_optimizer(
@@ -288,6 +289,7 @@ class Trainer:
         if self.job.checkpoint.enabled:
             last_ckpt = self.save()
         self.saver.close()
+        self.log.close()
         return TrainResult(
             step=self.step, eval=result_eval, checkpoint=last_ckpt, losses=progress.losses(), samples_per_s=rate
         )
@@ -405,7 +407,10 @@ class _Progress:
             reader = self.trainer.current_reader
             if reader is not None and self.trainer.job.data.on_bad_rows == "skip":
                 extra["skipped_rows"] = reader.skipped_rows  # this epoch's, on this rank
-            self.trainer.log.write("train", step=self.trainer.step, loss=recent, samples_per_s=rate, **extra)
+            factor = self.trainer.schedule.factor if self.trainer.schedule is not None else 1.0
+            train = self.trainer.job.train
+            self.trainer.log.write("train", step=self.trainer.step, loss=recent, samples_per_s=rate,
+                                   lr_dense=train.dense_optimizer.lr * factor, lr_sparse=train.sparse_optimizer.lr * factor, **extra)
 
     def losses(self) -> list[float]:
         """Every step's loss on this rank."""
