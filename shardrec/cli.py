@@ -314,6 +314,52 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=train)
 
 
+def tune(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``shardrec tune JOB --space SPACE [...]``: a hyperparameter search on Ray Tune (docs/tune.md)."""
+    from shardrec.config import load_yaml
+    from shardrec.tune import search
+
+    out = args.out
+    if out is None:
+        if args.resume:
+            print("shardrec: error: --resume needs --out, the sweep folder to continue", file=sys.stderr)
+            return 2
+        root = Path(load_yaml(args.config).get("run", {}).get("root", "runs"))
+        out = root / "tune" / time.strftime("%Y%m%d-%H%M%S")
+    sweep = search.prepare(args.config, args.space, out=out, scheduler=args.scheduler, search=args.search,
+                           samples=args.samples, nproc=args.nproc, metric=args.metric, mode=args.mode, overrides=overrides)
+    print(f"sweep folder: {out}", flush=True)
+    rows = search.run(sweep, address=args.address, resume=args.resume, max_concurrent=args.max_concurrent)
+    print(f"\nresults ({sweep.metric}, {sweep.mode}; best first):")
+    print(search.results_table(rows, sweep))
+    print(f"results: {out / 'results.csv'}, {out / 'results.json'}")
+    if (out / "best.yaml").is_file():
+        print(f"best job: {out / 'best.yaml'} (shardrec train {out / 'best.yaml'})")
+        return 0
+    failed = next((r["error"] for r in rows if r["error"]), None)
+    print(f"shardrec: error: no trial reported an evaluation{f' (first failure: {failed})' if failed else ''}; "
+          f"see the trials' train.log under {out / 'trials'}", file=sys.stderr)
+    return 1
+
+
+def _tune_parser(sub: argparse._SubParsersAction) -> None:
+    """``shardrec tune``."""
+    t = sub.add_parser("tune", help="hyperparameter search over a job on Ray Tune")
+    t.add_argument("config", type=Path, help="YAML job file")
+    t.add_argument("--space", type=Path, required=True, help="YAML file: job key -> {loguniform|uniform|randint|choice|grid: ...}")
+    t.add_argument("--samples", type=int, default=4, help="trials to sample (each grid point this many times); default 4")
+    t.add_argument("--scheduler", choices=["fifo", "asha", "median"], default="asha", help="trial stopping; default asha")
+    t.add_argument("--search", choices=["random", "optuna"], default="random", help="random/grid, or Optuna's TPE; default random")
+    t.add_argument("--metric", help="eval metric to optimize; default the job's headline (auc, rmse, accuracy, ndcg@k)")
+    t.add_argument("--mode", help="min or max (with --metric)")
+    t.add_argument("--nproc", type=int, default=2, help="ranks per trial (CPUs Ray reserves for it); default 2")
+    t.add_argument("--max-concurrent", type=int, help="trials at once; default as many as the CPUs allow")
+    t.add_argument("--address", help="a running Ray cluster (auto, ray://host:10001); default an embedded local Ray")
+    t.add_argument("--out", type=Path, help="sweep folder; default <run.root>/tune/<timestamp>")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out")
+    t.set_defaults(func=tune)
+
+
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
     """``shardrec plan``."""
     pl = sub.add_parser("plan", help="plan shards for a hardware topology (no GPU needed)")
@@ -397,7 +443,7 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="shardrec", description="Train recommendation models with sharded embedding tables.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _plan_parser, _data_parser, _checkpoint_parser, _serving_parser, _cluster_parsers):
+    for add in (_train_parser, _tune_parser, _plan_parser, _data_parser, _checkpoint_parser, _serving_parser, _cluster_parsers):
         add(sub)
     return p
 

@@ -71,10 +71,30 @@ def launch(*, nproc: int, config: Path, run_dir: Path, resume: Path | None) -> i
     proc = subprocess.Popen(torchrun_command(nproc=nproc, config=config, run_dir=run_dir, resume=resume), env=env,
                             start_new_session=True)
     try:
-        return proc.wait()
+        with _terminate_as_interrupt():
+            return proc.wait()
     except KeyboardInterrupt:
         _stop(proc)
         return INTERRUPTED
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, Ray Tune stopping a trial, ``kill``) stops the ranks as Ctrl-C does:
+    the agent is in a session of its own, so a SIGTERM that ended this process alone would leave
+    it and its ranks running."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop(proc: subprocess.Popen) -> None:

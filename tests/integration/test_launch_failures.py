@@ -139,3 +139,17 @@ def test_ctrl_c_stops_every_rank_and_resume_continues(tmp_path: Path, nproc: int
     assert f"resumed from {result['checkpoint']}" in out
     final = json.loads((run / "result.json").read_text())
     assert final["status"] == "completed" and final["step"] == steps
+
+
+def test_sigterm_stops_every_rank_as_ctrl_c_does(tmp_path: Path) -> None:
+    # A scheduler or Ray Tune ends `shardrec train` with SIGTERM: its agent and ranks, in a session of
+    # their own, must stop with it instead of running on.
+    job = _job(tmp_path, steps=300, checkpoint={"enabled": True, "interval": 10})
+    proc = _start(tmp_path, str(job), "--nproc", "2")
+    run = _wait_for_checkpoint(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert _workers_of(run) == []
+    assert json.loads((run / "result.json").read_text())["status"] == "interrupted"

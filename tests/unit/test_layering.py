@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2] / "shardrec"
 
 LAYERS: list[set[str]] = [
     {"cli"},
+    {"tune"},
     {"launch"},
     {"train"},
     {"serving"},
