@@ -63,6 +63,8 @@ class Sweep:
     evals: int
     """Evaluations a full trial reports (the ASHA budget)."""
     cwd: Path
+    omp_threads: str | None = None
+    """The driver's OMP_NUM_THREADS (None: unset), which trials get instead of the one Ray sets."""
 
 
 def default_metric(job: JobConfig) -> tuple[str, Literal["min", "max"]]:
@@ -102,7 +104,8 @@ def prepare(job_path: Path, space_path: Path, *, out: Path, scheduler: Scheduler
                           "evaluation, at the end); set train.eval_interval, e.g. --train.eval_interval="
                           f"{max(1, steps // 8) if steps else 100}")
     return Sweep(job_path=job_path, base=base, dims=dims, out=out.resolve(), metric=metric or name, mode=mode or direction,  # type: ignore[arg-type]
-                 scheduler=scheduler, search=search, samples=samples, nproc=nproc, evals=evals, cwd=Path.cwd())
+                 scheduler=scheduler, search=search, samples=samples, nproc=nproc, evals=evals, cwd=Path.cwd(),
+                 omp_threads=os.environ.get("OMP_NUM_THREADS"))
 
 
 def _total_steps(job: JobConfig) -> int:
@@ -156,7 +159,7 @@ def run_trial(config: dict[str, Any], *, sweep: Sweep) -> None:
         # A session of its own: when Ray ends the trial's worker it kills the worker's process group,
         # which would take `shardrec train` before it stopped its ranks.
         proc = subprocess.Popen(cmd, cwd=sweep.cwd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                start_new_session=True, env=_trial_env(sweep))
     # Tune's report blocks while the driver holds back (a trial it is about to stop): a watcher of
     # its own stops the run as soon as Tune asks, whatever the reporting thread is doing.
     watcher = threading.Thread(target=_stop_when_asked, args=(proc,), daemon=True)
@@ -170,6 +173,17 @@ def run_trial(config: dict[str, Any], *, sweep: Sweep) -> None:
         write_atomic(folder / "outcome.json", json.dumps({"status": outcome, "exit_code": proc.returncode}) + "\n")
     if outcome == "failed":
         raise RuntimeError(f"shardrec train exited {proc.returncode}: {_last_error(log)} (log: {log})")
+
+
+def _trial_env(sweep: Sweep) -> dict[str, str]:
+    """The trial's environment: the driver's, not the one Ray gives its workers. Ray sets
+    OMP_NUM_THREADS to the trial's CPUs, which `shardrec train` would hand to every rank (2 ranks x 2
+    threads on 2 cores: 2.6x slower in bench/tune_overhead.py); unset, each rank gets 1 as in a plain run."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("OMP_NUM_THREADS", None)
+    if sweep.omp_threads is not None:
+        env["OMP_NUM_THREADS"] = sweep.omp_threads
+    return env
 
 
 def _stop_when_asked(proc: subprocess.Popen[bytes]) -> None:
