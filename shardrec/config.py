@@ -182,13 +182,19 @@ def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_file(path: Path, *, kind: str = "config file", fix: str = "pass an existing YAML job file") -> Any:
+    """The YAML in ``path``; a missing file or bad syntax is a ConfigError naming the ``kind`` of
+    file, the path and the fix (``fix``: what to do when the file is missing)."""
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML job file")
+        raise ConfigError(f"{kind} '{path}' does not exist; {fix}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {yaml_problem(e)}; fix the syntax there") from e
+        raise ConfigError(f"{kind} '{path}' is not valid YAML: {yaml_problem(e)}; fix the syntax there") from e
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = read_yaml_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     return data

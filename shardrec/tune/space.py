@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from shardrec.config import build, yaml_problem
+from shardrec.config import build, read_yaml_file
 from shardrec.errors import ConfigError
 from shardrec.job import JobConfig
 
@@ -52,12 +51,7 @@ class Dimension:
 
 def read_space(path: Path) -> list[Dimension]:
     """The dimensions of the space file ``path``, each well formed (not yet checked against a job)."""
-    if not path.is_file():
-        raise ConfigError(f"search space file '{path}' does not exist; pass a YAML file of 'key: {{distribution: args}}'")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search space file '{path}' is not valid YAML: {yaml_problem(e)}; fix the syntax there") from e
+    data = read_yaml_file(path, kind="search space file", fix="pass a YAML file of 'key: {distribution: args}'")
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"search space file '{path}' must map job keys to distributions, e.g. "
                           "'train.dense_optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}'")
