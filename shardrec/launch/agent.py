@@ -44,8 +44,11 @@ def main(argv: list[str]) -> int:
     except ChildFailedError as e:
         handler.stream.write(e.format_msg() + "\n")
         rank, failure = e.get_first_failure()
+        every = [{"rank": r, "exitcode": f.exitcode, "signal": f.signal_name() if f.exitcode < 0 else None}
+                 for r, f in sorted(e.failures.items())]
         signame = failure.signal_name() if failure.exitcode < 0 else None
-        (log_dir / FAILURE_FILE).write_text(json.dumps({"rank": rank, "exitcode": failure.exitcode, "signal": signame}) + "\n")
+        (log_dir / FAILURE_FILE).write_text(
+            json.dumps({"rank": rank, "exitcode": failure.exitcode, "signal": signame, "all": every}) + "\n")
         return 1
     except SignalException as e:
         return 128 + int(e.sigval)

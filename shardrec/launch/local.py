@@ -155,6 +155,15 @@ def failure(run_dir: Path) -> Failure:
         rank = int(first["rank"])
         own = errors.get(rank)
         if own is None or own["kind"] == "lost":
+            # The first rank torchrun saw end may only echo another's failure (it lost its peer):
+            # a rank's own error, else a rank killed by a signal, is the one to report.
+            real = rank_log.first_error(errors)
+            own = real if real is not None and real["kind"] != "lost" else None
+            killed = [f for f in first.get("all", []) if f.get("signal")]
+            if own is None and killed and errors.get(rank, {}).get("kind") == "lost":
+                first = killed[0]
+                rank = int(first["rank"])
+        if own is None:
             how = f"was killed by {first['signal']}" if first.get("signal") else f"exited with code {first['exitcode']}"
             hint = " (out of memory? see the kernel log)" if first.get("signal") == "SIGKILL" else ""
             return Failure(f"rank {rank} {how}{hint} (full log: {rank_log.log_file(run_dir, rank)})", bad_input=False)

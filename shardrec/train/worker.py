@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -204,5 +205,22 @@ def report_error(e: ShardrecError, run_dir: Path | None) -> None:
         error.write_text(f"{e}\n")
 
 
+def exit_now(code: int) -> None:
+    """Ends the rank with ``code`` once everything is written, without the interpreter's teardown.
+
+    Now and then a rank whose run had completed (result.json written, process group destroyed)
+    was killed by SIGABRT in that teardown ("terminate called without an active exception": a C++
+    worker thread still joinable while the interpreter finalizes; seen once in ~100 2-rank runs in
+    CI), which failed the job after the fact. Streams and logging are flushed first.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
