@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
-from torchrec.distributed.planner.types import ShardingOption
 from torchrec.distributed.types import ParameterSharding, ShardingPlan
 
 from helpers import TINY_ROWS, tiny_job_dict
@@ -27,11 +25,10 @@ from shardrec.sharding.objectives import (
     choose,
     free_tables,
     plan_for_objective,
-    try_candidate,
 )
 from shardrec.sharding.plan_file import check_plan, load_plan, read_plan_file, to_sharding_plan
 from shardrec.sharding.plan_job import PlanInput, input_from_tables, read_tables, write_plan_file
-from shardrec.sharding.planner import SharedEstimateEnumerator, TopologySpec, from_topology_config
+from shardrec.sharding.planner import TopologySpec, from_topology_config
 from shardrec.sharding.report import DeviceLoad, PlanReport
 from shardrec.sharding.topology import GiB, parse_topology
 
@@ -172,42 +169,6 @@ def test_report_totals_are_the_sums_over_the_plan_shards(outcomes: list[Outcome]
             assert t.ranks == sorted(set(ps.ranks))
             assert sorted(t.shard_shapes) == sorted(list(s.shard_sizes) for s in ps.sharding_spec.shards)
     assert report.summary()["est_step_ms"] == round(max(d.step_ms for d in report.devices), 4)
-
-
-def _estimated(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, ...]]:
-    """Records every option torchrec's estimators are run on, keyed as the shared cache keys them."""
-    seen: list[tuple[object, ...]] = []
-    original = EmbeddingEnumerator.populate_estimates
-
-    def counting(self: EmbeddingEnumerator, options: list[ShardingOption]) -> None:
-        seen.extend(SharedEstimateEnumerator._key(self, o) for o in options)
-        original(self, options)
-
-    monkeypatch.setattr(EmbeddingEnumerator, "populate_estimates", counting)
-    return seen
-
-
-def test_candidates_estimate_each_distinct_option_once(monkeypatch: pytest.MonkeyPatch, source: PlanInput, h100x16: TopologySpec) -> None:
-    seen = _estimated(monkeypatch)
-    _, all_outcomes = plan_for_objective(
-        source.model, cfg=source.sharding, tables=source.tables, topology=h100x16, objective="balanced", pooling=source.pooling
-    )
-    assert len(all_outcomes) == len(candidates()) and all(o.report is not None for o in all_outcomes)
-    assert seen and len(seen) == len(set(seen))  # every candidate after the first reuses what it can
-
-
-def test_shared_estimates_give_the_plans_of_independent_searches(source: PlanInput, h100x16: TopologySpec) -> None:
-    free, shared = free_tables(source.sharding, source.tables), {}
-    for candidate in candidates():
-        kwargs = dict(cfg=source.sharding, tables=source.tables, topology=h100x16, free=free, pooling=source.pooling, sharders=None)
-        alone = try_candidate(candidate, source.model, **kwargs)
-        reused = try_candidate(candidate, source.model, **kwargs, estimates=shared)
-        assert reused.result.plan.plan == alone.result.plan.plan, candidate.name
-        assert reused.report.summary() == alone.report.summary(), candidate.name
-        assert [(s.perf, s.storage) for o in reused.result.options for s in o.shards] == [
-            (s.perf, s.storage) for o in alone.result.options for s in o.shards
-        ], candidate.name
-    assert shared  # the cache was used
 
 
 # --- objective rules on made-up estimates ---------------------------------------------------------
