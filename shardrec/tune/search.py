@@ -97,7 +97,7 @@ def prepare(job_path: Path, space_path: Path, *, out: Path, scheduler: Scheduler
         raise ConfigError(f"--metric {metric} needs --mode min or max")
     if job.data.eval_path is None and job.data.train_path is not None:
         raise ConfigError("the job has no evaluation data (data.eval_path): a trial has nothing to report to Tune; set it")
-    steps = _total_steps(job)
+    steps = job.train.steps or 0
     evals = max(1, steps // job.train.eval_interval) if job.train.eval_interval else 1
     if scheduler != "fifo" and job.train.eval_interval == 0:
         raise ConfigError(f"--scheduler {scheduler} stops trials between evaluations, and train.eval_interval is 0 (one "
@@ -106,10 +106,6 @@ def prepare(job_path: Path, space_path: Path, *, out: Path, scheduler: Scheduler
     return Sweep(job_path=job_path, base=base, dims=dims, out=out.resolve(), metric=metric or name, mode=mode or direction,  # type: ignore[arg-type]
                  scheduler=scheduler, search=search, samples=samples, nproc=nproc, evals=evals, cwd=Path.cwd(),
                  omp_threads=os.environ.get("OMP_NUM_THREADS"))
-
-
-def _total_steps(job: JobConfig) -> int:
-    return job.train.steps or 0
 
 
 # ------------------------------------------------------------------------------ the trial
@@ -298,10 +294,9 @@ def run(sweep: Sweep, *, address: str | None, resume: bool, max_concurrent: int 
     # `shardrec train` would die before it could stop its agent and ranks (their own session), which
     # would run on. Left alive instead, it gets SIGINT when the trial dies (PR_SET_PDEATHSIG) and
     # stops them as Ctrl-C does.
-    for var in ("RAY_kill_child_processes_on_worker_exit", "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"):
-        os.environ[var] = "0"
     env_vars = {var: "0" for var in ("RAY_kill_child_processes_on_worker_exit",
                                      "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper")}
+    os.environ.update(env_vars)  # the embedded Ray's raylet; runtime_env reaches a cluster's workers
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": env_vars}, **({} if address else {"num_cpus": max(os.cpu_count() or 1, sweep.nproc)}))
     try:
