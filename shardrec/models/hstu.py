@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -14,6 +15,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
 from shardrec.models.layers import PositionEmbedding
+from shardrec.models.layers.jagged import (
+    JaggedBlocks,
+    from_blocks,
+    jagged_blocks,
+    jagged_next,
+    jagged_positions,
+    jagged_prefix,
+    to_blocks,
+)
 from shardrec.models.registry import register
 from shardrec.models.retrieval import RetrievalLossConfig
 from shardrec.models.seqrec import (
@@ -27,6 +37,8 @@ from shardrec.models.seqrec import (
 # torch.fx.wrap patches only the module that names it: make seqrec's leaves leaves here too.
 torch.fx.wrap("next_in_sequence")
 torch.fx.wrap("padded_ids")
+for _leaf in ("from_blocks", "jagged_blocks", "jagged_next", "jagged_positions", "jagged_prefix", "to_blocks"):
+    torch.fx.wrap(_leaf)
 
 LOG_BASE = 0.301
 """Time gaps are bucketed by ``log(gap) / 0.301`` (about log2), as in the reference."""
@@ -54,6 +66,13 @@ class HSTUConfig(SeqRecConfig):
     """Log-scale time-gap buckets of the relative attention bias."""
     normalize: bool = True
     """L2-normalize user and item vectors (the reference's sampled-softmax setting)."""
+    attention: str = "jagged"
+    """``jagged``: attention over each history's own tokens, blockwise, so a batch costs
+    ``O(sum of L_i^2)`` (:mod:`shardrec.models.layers.jagged`); ``padded``: histories right-padded to
+    ``max_len`` with a dense ``[B, H, L, L]`` attention. Both give the same outputs."""
+    block_size: int = 32
+    """Tokens per block of the jagged attention: smaller wastes less on each history's last block,
+    larger makes fewer, bigger matmuls."""
     loss: RetrievalLossConfig = field(default_factory=lambda: RetrievalLossConfig(kind="sampled", temperature=0.05))
     """Training loss: by default the reference's sampled softmax over normalized vectors at
     temperature 0.05; keys a YAML ``loss`` section leaves out keep these defaults."""
@@ -61,10 +80,13 @@ class HSTUConfig(SeqRecConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         sizes = {"num_blocks": self.num_blocks, "num_heads": self.num_heads, "linear_dim": self.linear_dim,
-                 "attention_dim": self.attention_dim, "num_time_buckets": self.num_time_buckets}
+                 "attention_dim": self.attention_dim, "num_time_buckets": self.num_time_buckets,
+                 "block_size": self.block_size}
         for key, value in sizes.items():
             if value <= 0:
                 raise ConfigError(f"'model.{key}' must be > 0, got {value}")
+        if self.attention not in ("jagged", "padded"):
+            raise ConfigError(f"'model.attention' must be 'jagged' or 'padded', got '{self.attention}'")
 
 
 def time_buckets(query_times: torch.Tensor, key_times: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -94,6 +116,46 @@ class RelativeBias(nn.Module):
         pos = torch.arange(self.max_len, device=buckets.device)
         relative = pos.unsqueeze(0) - pos.unsqueeze(1) + self.max_len - 1
         return self.position[relative].unsqueeze(0) + self.time[buckets]
+
+    def jagged(self, relative: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+        """``[P, S, S]`` bias of the block pairs of :func:`block_bias_index`."""
+        return self.position[relative] + self.time[buckets]
+
+
+class BlockBias(NamedTuple):
+    """What the relative bias of each (query, key) slot of the jagged block pairs is indexed by."""
+
+    relative: torch.Tensor
+    """``[P, S, S]`` index into :attr:`RelativeBias.position`: ``j - i + max_len - 1``."""
+    buckets: torch.Tensor
+    """``[P, S, S]`` time-gap bucket (:func:`time_buckets`)."""
+
+
+@torch.fx.wrap
+def block_bias_index(blocks: JaggedBlocks, query_times: torch.Tensor, key_times: torch.Tensor, *, max_len: int,
+                     num_buckets: int) -> BlockBias:
+    """The bias indices of every slot pair of ``blocks``' pairs, from the jagged ``[T]`` query and
+    key times; empty slots get in-range indices (their attention is masked)."""
+    pos = blocks.position
+    relative = pos[blocks.key].unsqueeze(1) - pos[blocks.query].unsqueeze(2) + max_len - 1
+    qt, kt = to_blocks(query_times, blocks), to_blocks(key_times, blocks)
+    buckets = time_buckets(qt[blocks.query], kt[blocks.key], num_buckets)
+    return BlockBias(relative.clamp(min=0, max=2 * max_len - 2), buckets)
+
+
+@torch.fx.wrap
+def jagged_pointwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                               blocks: JaggedBlocks, *, scale: float) -> torch.Tensor:
+    """HSTU's ``SiLU(q k^T + bias) * scale`` aggregation of ``v``, causal within each row, over
+    jagged ``q, k [T, H, d_qk]``, ``v [T, H, d_v]`` and the block pairs' ``bias [P, S, S]`` -> ``[T, H, d_v]``."""
+    qb, kb, vb = to_blocks(q, blocks), to_blocks(k, blocks), to_blocks(v, blocks)
+    scores = torch.einsum("pihd,pjhd->phij", qb[blocks.query], kb[blocks.key])
+    pos = blocks.position
+    allowed = blocks.valid[blocks.key].unsqueeze(1) & (pos[blocks.key].unsqueeze(1) <= pos[blocks.query].unsqueeze(2))
+    attn = nn.functional.silu(scores + bias.unsqueeze(1)) * scale * allowed.unsqueeze(1).to(scores.dtype)
+    out = torch.einsum("phij,pjhd->pihd", attn, vb[blocks.key])
+    summed = out.new_zeros((qb.size(0), *out.shape[1:])).index_add(0, blocks.query, out)
+    return from_blocks(summed, blocks)
 
 
 class HSTULayer(nn.Module):
@@ -130,6 +192,17 @@ class HSTULayer(nn.Module):
         av = torch.einsum("bhnm,bmhd->bnhd", attn, v.unflatten(-1, (h, dv))).flatten(2)
         return x + self.out(self.dropout(nn.functional.layer_norm(av, [h * dv], eps=1e-6) * u))
 
+    def forward_jagged(self, x: torch.Tensor, blocks: JaggedBlocks, index: BlockBias) -> torch.Tensor:
+        """:meth:`forward` on jagged ``x [T, D]``: the projections per token, the attention over
+        ``blocks``' pairs with the bias at ``index`` (:func:`block_bias_index`) -> ``[T, D]``."""
+        h, dv, dqk = self.num_heads, self.linear_dim, self.attention_dim
+        uvqk = nn.functional.silu(self.uvqk(nn.functional.layer_norm(x, [self.dim], eps=1e-6)))
+        u, v = uvqk[:, : h * dv], uvqk[:, h * dv : 2 * h * dv]
+        q, k = uvqk[:, 2 * h * dv : 2 * h * dv + h * dqk], uvqk[:, 2 * h * dv + h * dqk :]
+        av = jagged_pointwise_attention(q.unflatten(-1, (h, dqk)), k.unflatten(-1, (h, dqk)), v.unflatten(-1, (h, dv)),
+                                        self.bias.jagged(index.relative, index.buckets), blocks, scale=1.0 / self.max_len)
+        return x + self.out(self.dropout(nn.functional.layer_norm(av.flatten(1), [h * dv], eps=1e-6) * u))
+
 
 @torch.fx.wrap
 def hstu_attention_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -150,9 +223,12 @@ class HSTU(SequentialRetrievalModel):
     it predicts happens. Outputs are L2-normalized (``normalize``) and scored against the item
     table's embeddings (shared input/output embeddings), also normalized.
 
-    Variable lengths are handled on padded tensors with masks, not with the reference's jagged
-    kernels: histories are right-padded to ``max_len``, padded keys are masked out of the
-    aggregation and padded positions zeroed after each layer.
+    Variable lengths are jagged by default (``attention: jagged``), as in the reference: the
+    projections run on the batch's history tokens only, and the attention multiplies only blocks of
+    the same history (:func:`jagged_pointwise_attention`), so a batch costs ``O(sum of L_i^2)``
+    however long its longest history. ``attention: padded`` right-pads histories to ``max_len``
+    instead (padded keys masked out of the aggregation, padded positions zeroed after each layer);
+    the outputs are the same.
 
     Input: the history, the target item and their raw timestamps (``hist_ts``, aligned with the
     history, and ``ts``); register the timestamps with ``raw: true``.
@@ -179,6 +255,8 @@ class HSTU(SequentialRetrievalModel):
         super().__init__(schema=schema, layout=layout, loss=config.loss, normalize=config.normalize, device=device)
         self.history_timestamps, self.timestamp = times
         self.num_time_buckets = config.num_time_buckets
+        self.jagged = config.attention == "jagged"
+        self.block_size = config.block_size
         self.positions = PositionEmbedding(layout.max_len, layout.dim, device=device)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(
@@ -200,6 +278,33 @@ class HSTU(SequentialRetrievalModel):
         for layer in self.layers:
             x = layer(x, attn_mask, buckets) * keep
         return x
+
+    def encode_jagged(self, values: torch.Tensor, lengths: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """:meth:`encode` on the jagged history ``values [T, D]`` (rows of ``lengths [B]``) -> ``[T, D]``."""
+        lay = self.layout
+        x = self.dropout(values * math.sqrt(lay.dim) + self.positions.weight[jagged_positions(lengths)])
+        ts = sparse_features[self.history_timestamps]
+        key_times = aligned_times(ts.values(), ts.lengths(), lengths, max_len=lay.max_len, feature=self.history_timestamps,
+                                  history=lay.history)
+        target = padded_ids(sparse_features[self.timestamp], 1).squeeze(1)
+        blocks = jagged_blocks(lengths, self.block_size)
+        index = block_bias_index(blocks, jagged_next(key_times, lengths, target), key_times, max_len=lay.max_len,
+                                 num_buckets=self.num_time_buckets)
+        for layer in self.layers:
+            x = layer.forward_jagged(x, blocks, index)
+        return x
+
+
+@torch.fx.wrap
+def aligned_times(values: torch.Tensor, lengths: torch.Tensor, history_lengths: torch.Tensor, *, max_len: int,
+                  feature: str, history: str) -> torch.Tensor:
+    """``[T]``: the history timestamps cut as the history is; raises unless each row has one per item."""
+    values, lengths = jagged_prefix(values, lengths, max_len)
+    if lengths.shape != history_lengths.shape or not bool((lengths == history_lengths).all()):
+        bad = int((lengths != history_lengths).sum()) if lengths.shape == history_lengths.shape else lengths.numel()
+        raise ValueError(f"'{feature}' must hold one timestamp per item of '{history}', but {bad} rows of the batch "
+                         f"differ in length: write both columns from the same events, oldest first")
+    return values
 
 
 def timestamp_features(schema: FeatureSchema, config: HSTUConfig, *, history: str) -> tuple[str, str]:

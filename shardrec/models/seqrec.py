@@ -26,6 +26,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
+from shardrec.models.layers.jagged import jagged_last, jagged_next, jagged_prefix
 from shardrec.models.retrieval import (
     RetrievalLoss,
     RetrievalLossConfig,
@@ -39,6 +40,10 @@ from shardrec.models.retrieval import (
 )
 from shardrec.models.sequence import padded_sequence
 
+
+# torch.fx.wrap patches only the module that names it: the jagged helpers are leaves here too.
+for _leaf in ("jagged_last", "jagged_next", "jagged_prefix"):
+    torch.fx.wrap(_leaf)
 
 @dataclass(kw_only=True)
 class SeqRecConfig:
@@ -140,11 +145,18 @@ def valid_positions(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class SequentialRetrievalModel(RetrievalModel):
-    """Base of the next-item models: lookups, training pairs and vectors around :meth:`encode`.
+    """Base of the next-item models: lookups, training pairs and vectors around the encoder.
 
     Subclasses implement ``encode(history [B, L, D], mask [B, L], sparse_features) -> [B, L, D]``,
-    causal over positions; ``normalize`` L2-normalizes user and item vectors.
+    causal over positions, on histories right-padded to ``max_len``. A subclass that sets
+    ``jagged = True`` implements ``encode_jagged(values [T, D], lengths [B], sparse_features) ->
+    [T, D]`` instead, over the history's tokens without padding (:mod:`shardrec.models.layers.jagged`);
+    both paths cut a row to its first ``max_len`` items and give the same vectors and pairs.
+    ``normalize`` L2-normalizes user and item vectors.
     """
+
+    jagged: bool = False
+    """Whether :meth:`encode_jagged` encodes (instead of :meth:`encode`)."""
 
     def __init__(self, *, schema: FeatureSchema, layout: SeqRecLayout, loss: RetrievalLossConfig, normalize: bool,
                  device: torch.device) -> None:
@@ -161,6 +173,11 @@ class SequentialRetrievalModel(RetrievalModel):
         """``[B, L, D]`` output per history position; position ``p`` sees positions ``<= p`` only."""
         raise NotImplementedError
 
+    def encode_jagged(self, values: torch.Tensor, lengths: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """``[T, D]`` output per history token of ``values [T, D]`` (rows of ``lengths [B]``); a
+        token sees only its row's tokens up to itself."""
+        raise NotImplementedError
+
     def _vector(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(x, dim=-1) if self.normalize else x
 
@@ -172,7 +189,19 @@ class SequentialRetrievalModel(RetrievalModel):
         history, mask = padded_sequence(emb[self.layout.history], self.layout.max_len)
         return emb, history, mask, self.encode(history, mask, sparse_features)
 
+    def _encoded_jagged(
+        self, sparse_features: KeyedJaggedTensor
+    ) -> tuple[dict[str, JaggedTensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(embeddings by feature, history [T, D], lengths [B], encoded [T, D])``."""
+        emb = self.ec(sparse_features)
+        jt = emb[self.layout.history]
+        values, lengths = jagged_prefix(jt.values(), jt.lengths(), self.layout.max_len)
+        return emb, values, lengths, self.encode_jagged(values, lengths, sparse_features)
+
     def user_vectors(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        if self.jagged:
+            _, _, lengths, out = self._encoded_jagged(sparse_features)
+            return self._vector(jagged_last(out, lengths))
         _, _, mask, out = self._encoded(sparse_features)
         return self._vector(last_position(out, mask))
 
@@ -181,6 +210,8 @@ class SequentialRetrievalModel(RetrievalModel):
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> RetrievalOutput | torch.Tensor:
         """Training: one pair per valid history position (``M`` = total history length); eval: user vectors ``[B, D]``."""
+        if self.jagged:
+            return self._forward_jagged(sparse_features)
         emb, history, mask, out = self._encoded(sparse_features)
         if not self.training:
             return self._vector(last_position(out, mask))
@@ -191,6 +222,22 @@ class SequentialRetrievalModel(RetrievalModel):
         user = self._vector(valid_positions(out, mask))
         item = self._vector(valid_positions(next_emb, mask))
         ids = valid_positions(next_ids, mask)
+        return self._output(user, item, ids, emb, sparse_features)
+
+    def _forward_jagged(self, sparse_features: KeyedJaggedTensor) -> RetrievalOutput | torch.Tensor:
+        """:meth:`forward` over the jagged history: the same pairs, in the same order."""
+        emb, history, lengths, out = self._encoded_jagged(sparse_features)
+        if not self.training:
+            return self._vector(jagged_last(out, lengths))
+        lay = self.layout
+        target_ids = padded_ids(sparse_features[lay.item], 1).squeeze(1)
+        hist = sparse_features[lay.history]
+        ids = jagged_next(jagged_prefix(hist.values(), hist.lengths(), lay.max_len)[0], lengths, target_ids)
+        item = self._vector(jagged_next(history, lengths, single(emb[lay.item])))
+        return self._output(self._vector(out), item, ids, emb, sparse_features)
+
+    def _output(self, user: torch.Tensor, item: torch.Tensor, ids: torch.Tensor, emb: dict[str, JaggedTensor],
+                sparse_features: KeyedJaggedTensor) -> RetrievalOutput:
         neg = self._vector(emb[self.negatives].values()) if self.negatives else item[:0]
         neg_ids = negative_ids(sparse_features, self.negatives, ids)
         return RetrievalOutput((user * item).sum(dim=-1), user, item, ids, neg, neg_ids)
