@@ -21,6 +21,7 @@ import contextlib
 import io
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +126,17 @@ def save_job(name: str, job: dict[str, Any], *, work: Path) -> Path:
     return path
 
 
-def parse_args(doc: str, *, models: list[str], epochs: int, work: str) -> tuple[argparse.Namespace, list[str]]:
-    """A quality bench's command line (--models, --epochs, --input, --work) and the models it names."""
+def parse_args(doc: str, *, models: list[str], epochs: int, work: str,
+               extend: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """A quality bench's command line (--models, --epochs, --input, --work, and what ``extend`` adds)
+    and the models it names."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(models), help=f"comma-separated; default: all {len(models)}")
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--input", type=Path, default=Path(os.environ.get("SHARDREC_SAMPLE_DATA", "../shared/data")) / "movielens100k")
     p.add_argument("--work", type=Path, default=Path(work))
+    if extend is not None:
+        extend(p)
     args = p.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = sorted(set(names) - set(models))
@@ -193,29 +198,60 @@ class _Logistic(torch.nn.Module):
         return logit
 
 
-def logistic_baseline(path: Path, *, epochs: int, lr: float = 0.01) -> dict[str, float]:
-    """Test AUC and log loss of a logistic regression on the job's features as its models read
-    them (the same fill, log1p and normalization), trained ``epochs`` with Adam in this process."""
+class _Logistics(torch.nn.Module):
+    """One :class:`_Logistic` per label, each initialized as if it were alone (seed 0). Logits ``[B, labels]``."""
+
+    def __init__(self, schema: FeatureSchema) -> None:
+        super().__init__()
+        regressions = []
+        for _ in schema.labels:
+            torch.manual_seed(0)
+            regressions.append(_Logistic(schema))
+        self.regressions = torch.nn.ModuleList(regressions)
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return torch.stack([r(batch) for r in self.regressions], dim=-1)
+
+
+def logistic_baselines(path: Path, *, epochs: int, lr: float = 0.01) -> dict[str, dict[str, float]]:
+    """Test AUC and log loss, per label, of a logistic regression per binary label of the job, on
+    its features as its models read them (the same fill, log1p and normalization), trained
+    ``epochs`` with Adam in this process. The regressions share the batches and nothing else: each
+    starts as it would alone and Adam updates each weight from its own gradient, so each is the
+    regression that its label alone would give."""
     job = load_job(path, [])
     data = resolve_data(job.data, job.features)
     schema = job.features.without_raw()
-    torch.manual_seed(0)
-    model = _Logistic(schema)
+    other = [f"{t.name} ({t.type})" for t in schema.tasks if t.type != "binary"]
+    if other:
+        raise SystemExit(f"{path}: features.label has non-binary labels {other}; a logistic baseline fits binary labels only")
+    model = _Logistics(schema)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for epoch in range(epochs):
         for batch in ParquetReader(data.train_path or "", schema=schema, batch_size=job.data.batch_size, epoch=epoch,
                                    shuffle_buffer=job.data.shuffle_buffer, seed=job.train.seed):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+            logits = model(batch)
+            per_row = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels.reshape(logits.shape), reduction="none")
+            loss = per_row.mean(0).sum()  # each label's mean loss, summed
             opt.zero_grad()
             loss.backward()
             opt.step()
     scores, labels = [], []
     with torch.no_grad():
         for batch in ParquetReader(data.eval_path or "", schema=schema, batch_size=4096):
-            scores.append(model(batch))
-            labels.append(batch.labels)
+            logits = model(batch)
+            scores.append(logits)
+            labels.append(batch.labels.reshape(logits.shape))
     s, y = torch.cat(scores), torch.cat(labels)
-    return {"auc": auc(s, y), "log_loss": log_loss(s, y)}
+    return {name: {"auc": auc(s[:, i], y[:, i]), "log_loss": log_loss(s[:, i], y[:, i])} for i, name in enumerate(schema.labels)}
+
+
+def logistic_baseline(path: Path, *, epochs: int, lr: float = 0.01) -> dict[str, float]:
+    """Test AUC and log loss of :func:`logistic_baselines` on a job with one binary label."""
+    fits = logistic_baselines(path, epochs=epochs, lr=lr)
+    if len(fits) != 1:
+        raise SystemExit(f"{path}: features.label names {len(fits)} labels {sorted(fits)}; use logistic_baselines")
+    return next(iter(fits.values()))
 
 
 def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Click AUC, conversion AUC, log loss, training samples/s and parameters of the five multi-task
-models on the MovieLens-100k funnel.
+models on the MovieLens-100k funnel, against a logistic regression per task fitted in the same run.
 
 One protocol for all models, the one of bench/model_quality.py: `shardrec data prepare
 movielens_funnel` (every rating an impression with click 1, one sampled unrated movie per rating
@@ -8,8 +8,10 @@ as test), each model's own config file with its MLPs set to the same widths (a 6
 layer or expert and a 32-wide tower, or 64-32 towers where the model has towers only), embedding
 dim 16, the same epochs, batch and optimizers, equal task weights, 2 gloo ranks. A job file per
 model is written to ``<work>/jobs/`` and trained in this process's spawned ranks;
-``shardrec train <work>/jobs/<model>.yaml --nproc 2`` trains the same job through the CLI. Prints
-a markdown table. Usage:
+``shardrec train <work>/jobs/<model>.yaml --nproc 2`` trains the same job through the CLI. The
+baseline: one logistic regression per label on the same features as the models read them
+(bench/model_quality.py's ``logistic_baselines``: one weight per id, dense features as
+normalized), the same epochs and batch, Adam in this process. Prints a markdown table. Usage:
 
     python bench/multitask_quality.py [--models mmoe,esmm] [--epochs 2] [--work /tmp/shardrec-mtl]
 
@@ -25,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from model_quality import CONFIGS, parse_args, save_job, train_job  # bench/ is on sys.path when a bench runs
+from model_quality import CONFIGS, logistic_baselines, parse_args, save_job, train_job  # bench/ is on sys.path when a bench runs
 from shardrec.cli import main as cli_main
 
 MODELS = ["sharedbottom", "mmoe", "ple", "esmm", "aitm"]
@@ -80,16 +82,31 @@ def run_model(name: str, *, schema: Path, work: Path, epochs: int) -> dict[str, 
     return {"model": name, "click_auc": r["auc_task0"], "conversion_auc": r["auc_task1"], **r}
 
 
+def lr_row(path: Path, *, epochs: int) -> dict[str, float]:
+    """The logistic regressions' click AUC, conversion AUC, log loss of each and their mean."""
+    fits = logistic_baselines(path, epochs=epochs)
+    c, v = fits["click"], fits["conversion"]
+    return {"click_auc": c["auc"], "conversion_auc": v["auc"], "click_log_loss": c["log_loss"],
+            "conversion_log_loss": v["log_loss"], "log_loss": (c["log_loss"] + v["log_loss"]) / 2}
+
+
 def main() -> None:
     args, names = parse_args(__doc__, models=MODELS, epochs=2, work="/tmp/shardrec-mtl")
     schema = prepare(args.input, args.work / "movielens_funnel")
-    print("| model | click AUC | conversion AUC | log loss | train samples/s | parameters (dense) | command |")
-    print("|---|---|---|---|---|---|---|")
+    lr = lr_row(write_job("sharedbottom", schema=schema, work=args.work, epochs=args.epochs), epochs=args.epochs)
+    print(f"logistic regression per task on the same features: click AUC {lr['click_auc']:.4f} (log loss "
+          f"{lr['click_log_loss']:.4f}), conversion AUC {lr['conversion_auc']:.4f} (log loss {lr['conversion_log_loss']:.4f})\n")
+    print("| model | click AUC | minus LR | conversion AUC | minus LR | log loss | minus LR | train samples/s | "
+          "parameters (dense) | command |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| logistic regression | {lr['click_auc']:.4f} | | {lr['conversion_auc']:.4f} | | {lr['log_loss']:.4f} | | | | |")
     for name in names:
         r = run_model(name, schema=schema, work=args.work, epochs=args.epochs)
         conversion = f"{r['conversion_auc']:.4f}" + (" ¹" if name == "esmm" else "")
-        print(f"| {name} | {r['click_auc']:.4f} | {conversion} | {r['log_loss']:.4f} | {r['samples_per_s']:,.0f} | "
-              f"{r['embedding'] + r['dense']:,} ({r['dense']:,}) | `shardrec train {r['job']} --nproc 2` |", flush=True)
+        print(f"| {name} | {r['click_auc']:.4f} | {r['click_auc'] - lr['click_auc']:+.4f} | {conversion} | "
+              f"{r['conversion_auc'] - lr['conversion_auc']:+.4f} | {r['log_loss']:.4f} | {r['log_loss'] - lr['log_loss']:+.4f} | "
+              f"{r['samples_per_s']:,.0f} | {r['embedding'] + r['dense']:,} ({r['dense']:,}) | "
+              f"`shardrec train {r['job']} --nproc 2` |", flush=True)
     print(f"\n¹ ESMM's second output is pCTCVR = pCTR * pCVR, so its conversion AUC is the CTCVR AUC over every "
           f"impression (conversion implies click in the funnel, so the labels are the same).\n"
           f"Log loss: the mean of the two tasks'. Test rows: {r['rows']:,}; {args.epochs} epochs, batch 256 per rank, "
