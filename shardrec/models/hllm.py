@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.fx
@@ -34,8 +35,12 @@ from shardrec.models.sequence import padded_sequence
 class HLLMConfig:
     """The ``model`` section for ``name: hllm``.
 
-    Both transformers are trained from scratch: the paper initializes them from a pretrained LLM,
-    which this platform does not offer (``text_encoder`` must stay unset).
+    Without ``item_llm``, two small transformers are trained from scratch over token ids read as
+    features. With ``item_llm`` and ``user_llm`` (Hugging Face ``transformers`` models: a checkpoint
+    folder or an inline config), the paper's setting: the item LLM reads each catalogue item's text
+    (``item_text``) and the user LLM the history's item embeddings
+    (:class:`shardrec.models.hllm_pretrained.PretrainedHLLM`); the keys ``hidden_dim``,
+    ``num_heads``, ``item_layers``, ``user_layers`` and the token features are then unused.
     """
 
     item_feature: str | None = None
@@ -47,7 +52,33 @@ class HLLMConfig:
     history_text_feature: str = "hist_tokens"
     """The history items' texts, T tokens per item one after another, over the same table (``max_len``: L * T)."""
     text_encoder: str | None = None
-    """A pretrained text model to start the item model from: not offered (no installed package carries one)."""
+    """Replaced by ``item_llm``; refused with a pointer to it."""
+    item_llm: str | dict[str, Any] | None = None
+    """The item LLM: a local checkpoint folder (``save_pretrained``'s output: config.json, weights
+    and usually the tokenizer) or an inline ``transformers`` config with ``model_type`` (random
+    weights, e.g. for tests). Unset: the from-scratch item transformer over token features."""
+    user_llm: str | dict[str, Any] | None = None
+    """The user LLM, a causal decoder (llama, qwen2, gpt2 ...), as ``item_llm``: it reads item
+    vectors as ``inputs_embeds``, so its token embeddings are unused."""
+    tokenizer: str | None = None
+    """Folder of the item LLM's tokenizer; unset: the ``item_llm`` checkpoint folder."""
+    item_text: ItemTextConfig | None = None
+    """Where each item's text comes from (with ``item_llm``)."""
+    item_pooling: Literal["last", "mean"] = "last"
+    """Item language embedding: the item LLM's hidden state at the last token (the paper appends
+    an item token and reads its state; a causal LLM's last token has read the whole text), or the
+    mean over the tokens."""
+    train_item_llm: bool = False
+    """Train the item LLM with the rest (it then runs on each batch's distinct items); false: its
+    embeddings are computed once for the catalogue and cached (``cache_dir``)."""
+    freeze_item_layers: int = 0
+    """With ``train_item_llm``: freeze the item LLM's token embeddings and this many lowest layers."""
+    id_embeddings: bool = True
+    """Add a (sharded) item id embedding, projected, to each item's language embedding."""
+    cache_dir: str | None = None
+    """Folder of the item embedding caches; unset: ``$SHARDREC_CACHE/hllm`` or ``~/.cache/shardrec/hllm``."""
+    embed_batch_size: int = 64
+    """Items per batch when embedding the catalogue."""
     hidden_dim: int = 64
     """Width of both transformers."""
     num_heads: int = 2
@@ -68,8 +99,15 @@ class HLLMConfig:
 
     def __post_init__(self) -> None:
         if self.text_encoder is not None:
-            raise ConfigError(f"'model.text_encoder' is '{self.text_encoder}', but no installed package carries a "
-                              "pretrained text encoder: HLLM here trains its item model from scratch; remove the key")
+            raise ConfigError(f"'model.text_encoder' ('{self.text_encoder}') is replaced by 'model.item_llm' (a local "
+                              "checkpoint folder or an inline transformers config), with 'model.user_llm' and 'model.item_text'")
+        if self.item_llm is None and (self.user_llm is not None or self.item_text is not None or self.train_item_llm):
+            raise ConfigError("'model.user_llm', 'model.item_text' and 'model.train_item_llm' need 'model.item_llm'; set it "
+                              "to the item language model (a checkpoint folder or an inline config)")
+        if self.freeze_item_layers < 0 or self.embed_batch_size <= 0:
+            raise ConfigError("'model.freeze_item_layers' must be >= 0 and 'model.embed_batch_size' > 0")
+        if self.freeze_item_layers and not self.train_item_llm:
+            raise ConfigError("'model.freeze_item_layers' needs 'model.train_item_llm: true' (a frozen item LLM is not trained at all)")
         for key in ("hidden_dim", "num_heads", "item_layers", "user_layers", "vector_dim"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"'model.{key}' must be > 0, got {getattr(self, key)}")
@@ -80,6 +118,25 @@ class HLLMConfig:
         if self.loss.kind == "sampled":
             raise ConfigError("'model.loss.kind: sampled' does not fit HLLM: sampled negatives carry only item ids and "
                               "its item model reads text; use 'in_batch' (the paper's) or 'bpr'")
+
+
+@dataclass(kw_only=True)
+class ItemTextConfig:
+    """``model.item_text``: the catalogue the item LLM reads."""
+
+    path: str
+    """The item catalogue (Parquet, one row per item, e.g. the ``items.parquet`` of ``shardrec data
+    prepare movielens``, whose text columns are ``title`` and ``genre_names``)."""
+    columns: list[str] = field(default_factory=lambda: ["title"])
+    """Its text columns, written ``column: value`` one after another (list columns comma-joined)."""
+    prompt: str = ""
+    """Text put before each item's columns."""
+    max_tokens: int = 32
+    """Tokens per item: longer texts are cut, shorter ones padded."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0 or not self.columns:
+            raise ConfigError("'model.item_text.max_tokens' must be > 0 and 'model.item_text.columns' name at least one column")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -344,6 +401,11 @@ def last_valid(outputs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 @register("hllm", HLLMConfig, retrieval=True)
-def build_hllm(config: HLLMConfig, *, schema: FeatureSchema, device: torch.device) -> HLLM:
-    """Builds an HLLM for ``schema`` on ``device``."""
+def build_hllm(config: HLLMConfig, *, schema: FeatureSchema, device: torch.device) -> nn.Module:
+    """Builds an HLLM for ``schema`` on ``device``: over pretrained language models when
+    ``item_llm`` is set, else the from-scratch one."""
+    if config.item_llm is not None:
+        from shardrec.models.hllm_pretrained import PretrainedHLLM
+
+        return PretrainedHLLM(schema=schema, config=config, device=device)
     return HLLM(schema=schema, config=config, device=device)

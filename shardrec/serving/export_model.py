@@ -29,6 +29,7 @@ in a process that imports only torch and fbgemm_gpu.
 # traced code, and TorchScript cannot read them as strings.
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -308,10 +309,21 @@ def two_tower_manifest(job: JobConfig, towers: TwoTowers) -> dict[str, Any]:
     }
 
 
+TRACED_LEAVES = ["PretrainedTransformer"]
+"""Blocks TorchScript cannot script (``transformers`` models): kept whole by the fx trace and
+recorded by ``torch.jit.trace`` on their :meth:`example_inputs` instead."""
+
+
 def to_torchscript(module: nn.Module, *, model: str) -> torch.jit.ScriptModule:
     """Traces ``module`` with torchrec.fx and scripts it; a ConfigError says why TorchScript cannot hold it."""
     try:
-        return torch.jit.script(torchrec.fx.symbolic_trace(module))
+        graph = torchrec.fx.symbolic_trace(module, leaf_modules=TRACED_LEAVES)
+        for name, sub in list(graph.named_modules()):
+            if type(sub).__name__ in TRACED_LEAVES:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python
+                    graph.set_submodule(name, torch.jit.trace(sub.eval(), sub.example_inputs(), check_trace=False))
+        return torch.jit.script(graph)
     except Exception as e:  # fx and TorchScript report unsupported Python as assorted exceptions
         first = "\n".join(str(e).strip().splitlines()[:6])
         raise ConfigError(f"model '{model}' cannot be exported: TorchScript cannot hold it ({type(e).__name__}: {first})") from e

@@ -69,16 +69,22 @@ def _table_of(key: str, tables: dict[str, tuple[int, int]]) -> str | None:
 def init_dense(model: nn.Module, *, seed: int) -> None:
     """Re-initializes every dense layer with ``reset_parameters`` in module order from ``seed``,
     then every running statistic (BatchNorm's, Dice's) to its initial value, those of modules
-    without parameters too (DistributedModelParallel leaves their buffers zero).
+    without parameters too (DistributedModelParallel leaves their buffers zero), then lets each
+    module with an ``init_pretrained(seed=...)`` load its pretrained weights.
 
     Same values on every rank and under every plan, since the plan does not change the order.
     """
     torch.manual_seed(seed)
-    for _, module in sorted(model.named_modules(), key=lambda kv: _unwrapped_name(kv[0])):
+    modules = sorted(model.named_modules(), key=lambda kv: _unwrapped_name(kv[0]))
+    for _, module in modules:
         if hasattr(module, "reset_parameters") and not _is_embedding(module):
             if any(p.numel() for p in module.parameters(recurse=False)):
                 module.reset_parameters()
     reset_running_stats(model)
+    for _, module in modules:
+        # Pretrained parts (HLLM's language models and their item buffers) load their own weights.
+        if callable(getattr(module, "init_pretrained", None)):
+            module.init_pretrained(seed=seed)
 
 
 def _unwrapped_name(name: str) -> str:

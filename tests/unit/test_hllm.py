@@ -133,7 +133,7 @@ def test_every_parameter_gets_a_gradient() -> None:
 
 
 @pytest.mark.parametrize(("params", "match"), [
-    ({"text_encoder": "bert-base"}, r"model\.text_encoder.*no installed package"),
+    ({"text_encoder": "bert-base"}, r"model\.text_encoder.*replaced by .model\.item_llm."),
     ({"loss": {"kind": "sampled"}}, r"model\.loss\.kind"),
     ({"num_heads": 3}, r"model\.num_heads"),
     ({"item_text_feature": "title_tokens"}, r"model\.item_text_feature.*hist_tokens"),

@@ -28,7 +28,8 @@ One output row per rating, with columns:
   are drawn during training (uniform over the movie table), for sampled-softmax retrieval.
 
 ``items.parquet`` is the item catalogue that retrieval models rank every eval row against
-(``data.items_path``): one row per movie with ``movie_id``, ``genres`` (and ``title_tokens``).
+(``data.items_path``): one row per movie with ``movie_id``, ``genres``, the text columns ``title`` and
+``genre_names`` (what HLLM's language model reads), and ``title_tokens`` with ``--title-tokens``.
 
 Splits (``--split``), per user, in that same order:
 
@@ -139,11 +140,14 @@ def prepare_movielens(src: Path, work: Path, options: MovieLensOptions) -> Layou
 
 
 def _catalogue(path: Path) -> pa.Table:
-    """One row per movie: movie_id and its genre ids."""
-    items = read_parquet(path, columns=["movie_id", *GENRES])
+    """One row per movie: movie_id, its genre ids, and its text for a language model (``title``,
+    e.g. "Toy Story (1995)", and ``genre_names``, e.g. "Animation, Children's, Comedy")."""
+    items = read_parquet(path, columns=["movie_id", "movie_title", *GENRES])
     ids = _int_column(items, "movie_id", path)
     genres, _ = _genres_of(ids, path)
-    return pa.table({"movie_id": pa.array(ids), "genres": genres})
+    names = [", ".join(g for g in GENRES if row[g]) for row in items.select(GENRES).to_pylist()]
+    titles = pc.fill_null(items["movie_title"].cast(pa.string()), "")
+    return pa.table({"movie_id": pa.array(ids), "genres": genres, "title": titles, "genre_names": pa.array(names, pa.string())})
 
 
 def _add_title_tokens(src: Path, catalogue: pa.Table, table: pa.Table, length: int, work: Path) -> tuple[pa.Table, pa.Table, int]:
