@@ -115,9 +115,10 @@ class HLLMConfig:
             raise ConfigError(f"'model.num_heads' ({self.num_heads}) must divide 'model.hidden_dim' ({self.hidden_dim})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"'model.dropout' must be in [0, 1), got {self.dropout}")
-        if self.loss.kind == "sampled":
+        if self.loss.kind == "sampled" and self.item_llm is None:
             raise ConfigError("'model.loss.kind: sampled' does not fit HLLM: sampled negatives carry only item ids and "
-                              "its item model reads text; use 'in_batch' (the paper's) or 'bpr'")
+                              "its item model reads text; use 'in_batch' (the paper's) or 'bpr', or set 'model.item_llm' "
+                              "(whose cached item embeddings are looked up by id)")
 
 
 @dataclass(kw_only=True)

@@ -48,6 +48,8 @@ from shardrec.models.retrieval import (
     RetrievalOutput,
     empty_negatives,
     item_table,
+    negative_ids,
+    negatives_feature,
     resolve_item_feature,
     single,
 )
@@ -195,6 +197,8 @@ class PretrainedHLLM(RetrievalModel):
                               f"'{table.name}'")
         self.history_feature, self.length = history[0].name, int(history[0].max_len)  # type: ignore[arg-type]
         self.rows = table.num_embeddings
+        neg = negatives_feature(schema, item_feature=self.item_feature, model="hllm") if config.loss.kind == "sampled" else None
+        self.negatives = neg.name if neg is not None else None
         self.item_llm: PretrainedTransformer | None = None
         llm = PretrainedTransformer(config.item_llm, key="model.item_llm", length=config.item_text.max_tokens,  # type: ignore[arg-type]
                                     device=device)
@@ -216,13 +220,13 @@ class PretrainedHLLM(RetrievalModel):
         if config.id_embeddings:
             self.ec = EmbeddingCollection(tables=[EmbeddingConfig(
                 name=table.name, num_embeddings=table.num_embeddings, embedding_dim=table.embedding_dim,
-                feature_names=[self.item_feature, self.history_feature],
+                feature_names=[self.item_feature, self.history_feature, *([self.negatives] if self.negatives else [])],
             )], device=device)
             self.id_proj = nn.Linear(table.embedding_dim, dim, bias=False, device=device)
         self.user_in = nn.Linear(dim, self.user_llm.hidden, device=device)
         self.user_out = nn.Linear(self.user_llm.hidden, dim, bias=False, device=device)
         self.normalize = config.normalize
-        self.retrieval_loss = RetrievalLoss(config.loss, item_rows=self.rows, negatives=None)
+        self.retrieval_loss = RetrievalLoss(config.loss, item_rows=self.rows, negatives=neg)
         self.item_llm_runs = 0
         """Items the item LLM embedded in :meth:`init_pretrained` (0 when the cache was read)."""
 
@@ -318,12 +322,16 @@ class PretrainedHLLM(RetrievalModel):
             out = out + self.id_proj(id_emb)
         return self._vector(out)
 
-    def _embeddings(self, sparse_features: KeyedJaggedTensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(history id embeddings [B, L, E], target's [B, E])``, or Nones without id embeddings."""
+    def _embeddings(
+        self, sparse_features: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(history id embeddings [B, L, E], target's [B, E], sampled negatives' [N, E])``, Nones
+        without id embeddings (the last also without sampled negatives)."""
         if self.ec is None:
-            return None, None
+            return None, None, None
         emb = self.ec(sparse_features)
-        return padded_sequence(emb[self.history_feature], self.length)[0], single(emb[self.item_feature])
+        neg = emb[self.negatives].values() if self.negatives else None
+        return padded_sequence(emb[self.history_feature], self.length)[0], single(emb[self.item_feature]), neg
 
     def _users(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``[B, L, D]`` user vectors from the history's item vectors ``[B, L, D]``."""
@@ -332,19 +340,19 @@ class PretrainedHLLM(RetrievalModel):
 
     def user_vectors(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         ids, valid = history_ids(sparse_features, self.history_feature, self.length)
-        hist_emb, _ = self._embeddings(sparse_features)
+        hist_emb, _, _ = self._embeddings(sparse_features)
         return last_valid_row(self._users(self._items(ids, hist_emb), valid), valid)
 
     def item_vectors(self, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         target, _ = history_ids(sparse_features, self.item_feature, 1)
-        _, target_emb = self._embeddings(sparse_features)
+        _, target_emb, _ = self._embeddings(sparse_features)
         return self._items(target.squeeze(1), target_emb)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> RetrievalOutput | torch.Tensor:
         """Training: a RetrievalOutput over every valid history position; eval: user vectors ``[B, D]``."""
         ids, valid = history_ids(sparse_features, self.history_feature, self.length)
         target, _ = history_ids(sparse_features, self.item_feature, 1)
-        hist_emb, target_emb = self._embeddings(sparse_features)
+        hist_emb, target_emb, neg_emb = self._embeddings(sparse_features)
         hist = self._items(ids, hist_emb)
         users = self._users(hist, valid)
         if not self.training:
@@ -355,4 +363,8 @@ class PretrainedHLLM(RetrievalModel):
         next_items = torch.where(last.unsqueeze(-1), target_vec.unsqueeze(1), torch.cat([hist[:, 1:], hist[:, :1]], dim=1))
         next_ids = torch.where(last, target, torch.cat([ids[:, 1:], ids[:, :1]], dim=1))
         user, item = users[valid], next_items[valid]
-        return RetrievalOutput((user * item).sum(dim=-1), user, item, next_ids[valid], *empty_negatives(item, next_ids))
+        if self.negatives is None:
+            return RetrievalOutput((user * item).sum(dim=-1), user, item, next_ids[valid], *empty_negatives(item, next_ids))
+        neg_ids = negative_ids(sparse_features, self.negatives, next_ids)
+        neg = self._items(neg_ids, neg_emb)
+        return RetrievalOutput((user * item).sum(dim=-1), user, item, next_ids[valid], neg, neg_ids)

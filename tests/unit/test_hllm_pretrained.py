@@ -32,11 +32,12 @@ def catalogue(tmp: Path) -> Path:
     return write_text_catalogue(tmp / "items.parquet")
 
 
-def _build(tmp: Path, catalogue: Path, *, init: bool = True, **extra: Any) -> torch.nn.Module:
+def _build(tmp: Path, catalogue: Path, *, init: bool = True, negatives: int = 0, **extra: Any) -> torch.nn.Module:
     params = hllm_params(tmp, catalogue=catalogue, **extra)
     params.pop("name")
     torch.manual_seed(0)
-    model = registry.build_model("hllm", {"dropout": 0.0, **params}, schema=retrieval_schema(dim=8), device=CPU)
+    schema = retrieval_schema(dim=8, negatives=negatives)
+    model = registry.build_model("hllm", {"dropout": 0.0, **params}, schema=schema, device=CPU)
     if init:
         model.init_pretrained(seed=0)
     return model
@@ -80,6 +81,26 @@ def test_training_outputs_and_gradients(tmp: Path, catalogue: Path) -> None:
     assert model.language_proj.weight.grad.abs().sum() > 0
     assert model.user_in.weight.grad.abs().sum() > 0
     assert model.ec.embeddings["item"].weight.grad.abs().sum() > 0
+
+
+def _with_negatives(kjt: KeyedJaggedTensor, negatives: list[int]) -> KeyedJaggedTensor:
+    """``kjt`` plus the batch's sampled negatives (all on the first row)."""
+    rows = kjt.stride()
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[*kjt.keys(), "neg_item_ids"], values=torch.cat([kjt.values(), torch.tensor(negatives, dtype=torch.long)]),
+        lengths=torch.cat([kjt.lengths(), torch.tensor([len(negatives)] + [0] * (rows - 1))]))
+
+
+def test_sampled_negatives_are_embedded_by_id(tmp: Path, catalogue: Path) -> None:
+    model = _build(tmp, catalogue, negatives=4, loss={"kind": "sampled", "temperature": 0.05}).train()
+    out = model(torch.zeros(4, 1), _with_negatives(_batch(ROWS), [7, 11, 30, 41]))
+    assert out.negative_ids.tolist() == [7, 11, 30, 41] and out.negatives.shape == (4, 16)
+    model.loss(out, torch.zeros(4)).backward()
+    assert model.ec.embeddings["item"].weight.grad[[7, 11, 30, 41]].abs().sum(dim=1).gt(0).all()
+    model.eval()
+    with torch.no_grad():
+        alone = model.item_vectors(_with_negatives(_batch([([], 7)]), []))
+    assert torch.allclose(out.negatives[0].detach(), alone[0], atol=1e-5)
 
 
 def test_eval_scores_do_not_depend_on_the_batch(tmp: Path, catalogue: Path) -> None:
