@@ -6,7 +6,7 @@
 #   -> torchrec 1.8.0 with --no-deps (its metadata asks for the CUDA fbgemm-gpu, which would
 #      clash with the CPU build) plus its own needs -> torchx (with kubernetes, which its kubernetes
 #      scheduler needs even for --dryrun), pyarrow, pyyaml, pytest, tensorboard (run scalars),
-#      ray[tune] and optuna (shardrec tune) -> shardrec
+#      ray[tune] and optuna (shardrec tune), transformers (HLLM's language models) -> shardrec
 #
 # Environment: PYTHON (interpreter, default python3), SHARDREC_VENV (default .venv),
 # SHARDREC_DEVICE=cpu|cuda to override the detection, PIP_INDEX_URL etc. as usual for pip.
@@ -34,7 +34,7 @@ STACK=(
   "torchrec==1.8.0"
   "tensordict" "torchmetrics==1.0.3" "tqdm" "pyre-extensions" "iopath"
   "torchx==0.7.0" "kubernetes" "pyarrow" "pyyaml" "matplotlib" "pytest" "pytest-timeout"
-  "tensorboard==2.21.0" "ray[tune]==2.60.0" "optuna==5.1.0"
+  "tensorboard==2.21.0" "ray[tune]==2.60.0" "optuna==5.1.0" "transformers==5.25.0"
 )
 STAMP="$VENV/.shardrec-stack"
 WANT="$DEVICE $(cat "$0" pyproject.toml | cksum)"
