@@ -313,7 +313,7 @@ class PretrainedHLLM(RetrievalModel):
         distinct, inverse = distinct_ids(flat)
         mask = self.item_mask[distinct]
         pooled = pool_hidden(self.item_llm(self.item_tokens[distinct], mask), mask, self.config.item_pooling)
-        return pooled[inverse].reshape(*ids.shape, -1)
+        return pooled[inverse].unflatten(0, ids.shape)
 
     def _items(self, ids: torch.Tensor, id_emb: torch.Tensor | None) -> torch.Tensor:
         """Item vectors ``[..., D]`` of ``ids`` (and their id embeddings ``[..., E]``)."""

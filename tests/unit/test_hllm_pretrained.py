@@ -11,13 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from torchrec.fx.tracer import Tracer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from helpers import SEQ_ITEMS, retrieval_schema
 from llm_helpers import USER_LLM, hllm_params, title, write_text_catalogue, write_tiny_checkpoint
+from shardrec.data.catalogue import catalogue_kjt, read_catalogue
 from shardrec.errors import ConfigError, DataError
 from shardrec.models import registry
 from shardrec.models.retrieval import RetrievalOutput
+from shardrec.serving.export_model import TwoTowers, to_torchscript, tower_inputs
 
 CPU = torch.device("cpu")
 
@@ -173,3 +176,26 @@ def test_builds_on_meta(tmp: Path, catalogue: Path) -> None:
     params.pop("name")
     model = registry.build_model("hllm", params, schema=retrieval_schema(dim=8), device=torch.device("meta"))
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize("train_item_llm", [False, True])
+def test_pipeline_tracer_keeps_the_language_models_leaves(tmp: Path, catalogue: Path, train_item_llm: bool) -> None:
+    model = _build(tmp, catalogue, train_item_llm=train_item_llm).train()
+    graph = Tracer(leaf_modules=["EmbeddingCollection", "PretrainedTransformer"]).trace(model)
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    assert "user_llm" in called and ("item_llm" in called) == train_item_llm
+
+
+@pytest.mark.parametrize("train_item_llm", [False, True])
+def test_towers_script_with_the_language_models_traced(tmp: Path, catalogue: Path, train_item_llm: bool) -> None:
+    model = _build(tmp, catalogue, train_item_llm=train_item_llm).eval()
+    schema = retrieval_schema(dim=8)
+    _, items = read_catalogue(catalogue, schema, item_feature="item_id")
+    towers = TwoTowers(model, schema=schema, items=items)
+    user, item = (to_torchscript(m, model="hllm") for m in (towers.user, towers.item))
+    kjt = catalogue_kjt(items, schema, where="test")
+    batch = _batch(ROWS)
+    with torch.no_grad():
+        assert torch.allclose(item(*tower_inputs(kjt, towers.item_inputs)), model.item_vectors(kjt), atol=1e-5)
+        got = user(torch.zeros(4, 1), *tower_inputs(batch, towers.user_inputs))
+        assert torch.allclose(got, model.user_vectors(torch.zeros(4, 1), batch), atol=1e-5)
