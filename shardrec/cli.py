@@ -57,6 +57,12 @@ def _report(run_dir: Path, rc: int, *, local: bool = True) -> int:
 
         shown = "  ".join(f"{k.replace('_', ' ')}: {result['eval'][k]:.4f}" for k in HEADLINE if k in result["eval"])
         print(f"eval {shown}" if shown else f"eval: {result['eval']}")
+    waited = result.get("input")
+    if waited:
+        verdict = "input-bound: a faster reader would speed it up (data.num_workers, data.prefetch)" if waited["input_bound"] \
+            else "not input-bound"
+        print(f"input: steps waited {100 * waited['fraction']:.1f}% of their time for batches "
+              f"({waited['wait_s']:.1f} s of {waited['step_s']:.1f} s, rank {waited['rank']}): {verdict}")
     print(f"checkpoint: {result['checkpoint']}")
     return 0
 

@@ -55,9 +55,55 @@ class TrainResult:
     losses: list[float]
     samples_per_s: float
     """Global training samples/s over the steps after the first WARMUP_STEPS of this process."""
+    input_wait: InputWait | None = None
+    """How long the training steps waited for their batches (the slowest rank's share)."""
 
 
 WARMUP_STEPS = 10
+INPUT_BOUND = 0.1
+"""A run whose steps spend more than this share of their time waiting for the next batch is
+reported input-bound: a faster reader (``data.num_workers``, ``data.prefetch``) would speed it up."""
+
+
+@dataclass
+class InputWait:
+    """Time the training loop spent waiting for batches, against the loop's whole time (evaluations
+    and checkpoints left out), on the rank that waited the largest share."""
+
+    wait_s: float
+    step_s: float
+    rank: int
+
+    @property
+    def fraction(self) -> float:
+        return self.wait_s / self.step_s if self.step_s > 0 else 0.0
+
+    @property
+    def bound(self) -> bool:
+        return self.fraction > INPUT_BOUND
+
+    def to_json(self) -> dict[str, Any]:
+        return {"wait_s": round(self.wait_s, 3), "step_s": round(self.step_s, 3), "fraction": round(self.fraction, 4),
+                "rank": self.rank, "input_bound": self.bound}
+
+
+class TimedBatches:
+    """An iterator over batches that adds up the time spent waiting in ``next``: reading and
+    decoding when the reader works in the caller's thread, waiting on its queue otherwise."""
+
+    def __init__(self, batches: Iterator[Batch]) -> None:
+        self._batches = batches
+        self.wait_s = 0.0
+
+    def __iter__(self) -> TimedBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        start = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self.wait_s += time.perf_counter() - start
 
 
 @dataclass
@@ -266,7 +312,8 @@ class Trainer:
         """Trains to the configured number of steps, evaluating and checkpointing on schedule."""
         total = self.total_steps()
         pipeline = make_pipeline(self.job.train.pipeline, model=self.model, optimizer=self.optimizer, device=self.ctx.device)
-        data = itertools.islice(self.batches(self.step), total - self.step)
+        data = TimedBatches(itertools.islice(self.batches(self.step), total - self.step))
+        loop_start, paused = time.perf_counter(), 0.0
         self.schedule = LRSchedule(self.job.train.lr_schedule, optimizer=self.optimizer, model=self.model, total_steps=total)
         progress = _Progress(self, total=total)
         last_ckpt: Path | None = None
@@ -278,11 +325,16 @@ class Trainer:
             self.step += 1
             progress.update(loss, labels.shape[0] * self.ctx.world_size)
             if self._due(self.job.train.eval_interval) and self.step < total:
+                t = time.perf_counter()
                 result_eval = self.evaluate(pipeline)
+                paused += time.perf_counter() - t
             if self._due(self.job.checkpoint.interval) and self.step < total:
+                t = time.perf_counter()
                 last_ckpt = self.save()
+                paused += time.perf_counter() - t
         progress.close()
         rate = progress.measured()
+        input_wait = self._input_wait(data.wait_s, time.perf_counter() - loop_start - paused)
         if self.data.eval is not None:
             result_eval = self.evaluate(pipeline)
             self._export_items()
@@ -291,8 +343,20 @@ class Trainer:
         self.saver.close()
         self.log.close()
         return TrainResult(
-            step=self.step, eval=result_eval, checkpoint=last_ckpt, losses=progress.losses(), samples_per_s=rate
+            step=self.step, eval=result_eval, checkpoint=last_ckpt, losses=progress.losses(), samples_per_s=rate,
+            input_wait=input_wait,
         )
+
+    def _input_wait(self, wait_s: float, step_s: float) -> InputWait:
+        """The rank whose steps waited the largest share of their time for batches (same on every rank)."""
+        mine = torch.tensor([wait_s / step_s if step_s > 0 else 0.0, wait_s, step_s, float(self.ctx.rank)],
+                            dtype=torch.float64, device=self.ctx.device)
+        if torch.distributed.is_initialized() and self.ctx.world_size > 1:
+            everyone = [torch.zeros_like(mine) for _ in range(self.ctx.world_size)]
+            torch.distributed.all_gather(everyone, mine)
+            mine = max(everyone, key=lambda t: float(t[0]))
+        mine = mine.cpu()
+        return InputWait(wait_s=float(mine[1]), step_s=float(mine[2]), rank=int(mine[3]))
 
     def _attachments(self) -> dict[str, str]:
         """Texts every checkpoint carries: this run's resolved job, its plan and its feature statistics."""
@@ -427,4 +491,6 @@ class _Progress:
 
 def summary(result: TrainResult) -> dict[str, Any]:
     """A JSON-friendly summary of ``result``."""
-    return {"step": result.step, "eval": result.eval, "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    return {"step": result.step, "eval": result.eval, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "samples_per_s": result.samples_per_s,
+            "input": result.input_wait.to_json() if result.input_wait is not None else None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -52,6 +53,10 @@ def test_train_two_ranks_then_resume_matches_uninterrupted(tmp_path: Path, async
     assert "sharding plan:" in first.stdout and "eval auc:" in first.stdout
     run = _only_run(tmp_path)
     assert f"checkpoint: {run / 'checkpoints' / 'step-00000016'}" in first.stdout
+    assert re.search(r"input: steps waited \d+\.\d% of their time for batches \([\d.]+ s of [\d.]+ s, rank [01]\): "
+                     r"(not input-bound|input-bound: )", first.stdout), first.stdout[-2000:]
+    waited = json.loads((run / "result.json").read_text())["input"]
+    assert 0 <= waited["fraction"] <= 1 and waited["step_s"] > 0 and waited["input_bound"] == (waited["fraction"] > 0.1)
     assert (run / "plan.json").is_file() and (run / "config.yaml").is_file()
     uninterrupted = dict(_losses(run))
     assert sorted(uninterrupted) == list(range(1, 17))
