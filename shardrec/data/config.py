@@ -49,7 +49,11 @@ class DataConfig:
     prefetch: int = 2
     """Batches a background thread prepares ahead of training (with workers: per worker); 0: none."""
     num_workers: int = 0
-    """DataLoader worker processes per rank reading and decoding; 0: in the training process."""
+    """Workers per rank reading and decoding; 0: in the training process (its prefetch thread)."""
+    worker_kind: Literal["process", "thread"] = "process"
+    """``process``: DataLoader worker processes (batches come back through shared memory);
+    ``thread``: threads of the training process (no hand-off copy; parallel where pyarrow and
+    numpy release the GIL). Same batches, same order, same resume position."""
     pin_memory: bool = True
     """Pin batches in page-locked memory for faster host-to-GPU copies (no effect without CUDA)."""
     shuffle_buffer: int = 0

@@ -225,20 +225,32 @@ class _Shares(IterableDataset):
         return iter(self.streams[(self.rotation + worker) % len(self.streams)])
 
 
+WorkerKind = Literal["process", "thread"]
+
+
 def run_workers(
-    streams: list[WorkerStream], *, rotation: int, num_workers: int, prefetch: int, pin_memory: bool
+    streams: list[WorkerStream], *, rotation: int, num_workers: int, prefetch: int, pin_memory: bool,
+    worker_kind: WorkerKind = "process",
 ) -> Iterator[Item]:
     """The workers' items in round-robin order, starting at share ``rotation``.
 
     Args:
         streams: one per share; a single one when ``num_workers`` is 0.
         rotation: the share that gives the first item.
-        num_workers: DataLoader worker processes; 0 runs the one stream in this process.
+        num_workers: workers; 0 runs the one stream in this process.
         prefetch: in process, batches a thread prepares ahead (0: none); with workers, batches
             each worker prepares ahead (at least 1).
         pin_memory: pin batches in page-locked memory; only done when CUDA is available.
+        worker_kind: ``process``: DataLoader worker processes, whose batches come back through
+            shared memory; ``thread``: threads of this process (no hand-off copy; they run in
+            parallel only where reading and decoding release the GIL). Both give the same
+            batches in the same order.
     """
     pin = pin_memory and torch.cuda.is_available()
+    if num_workers and worker_kind == "thread":
+        order = [streams[(rotation + i) % len(streams)] for i in range(len(streams))]
+        threads = [_Prefetcher(_pinned(iter(st)) if pin else iter(st), depth=max(prefetch, 1)) for st in order]
+        return _RoundRobin(threads)
     if num_workers:
         loader = DataLoader(
             _Shares(streams, rotation),
@@ -255,6 +267,40 @@ def run_workers(
 def _pinned(items: Iterator[Item]) -> Generator[Item, None, None]:
     for batch, worker, skipped in items:
         yield batch.pin_memory(), worker, skipped
+
+
+class _RoundRobin:
+    """Items of several prefetching threads, one from each in turn, skipping those that ended: the
+    order a DataLoader gives its workers' items in."""
+
+    def __init__(self, sources: list[_Prefetcher]) -> None:
+        self._sources = sources
+        self._next = 0
+
+    def __iter__(self) -> _RoundRobin:
+        return self
+
+    def __next__(self) -> Item:
+        while self._sources:
+            i = self._next % len(self._sources)
+            try:
+                item = next(self._sources[i])
+            except StopIteration:
+                del self._sources[i]
+                self._next = i
+                continue
+            except BaseException:
+                self.close()
+                raise
+            self._next = i + 1
+            return item
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stops every thread."""
+        for source in self._sources:
+            source.close()
+        self._sources = []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from shardrec.data.batch import Batch
 from shardrec.data.hashing import is_string_type
-from shardrec.data.loader import Item, Order, Source, WorkerStream, round_robin, run_workers, split
+from shardrec.data.loader import Item, Order, Source, WorkerKind, WorkerStream, round_robin, run_workers, split
 from shardrec.data.schema import FeatureSchema
 from shardrec.data.sources import CsvSource, DataFile, ParquetSource, csv_header, parquet_metadata, resolve, scan_csv
 from shardrec.errors import DataError
@@ -325,7 +325,9 @@ class ParquetReader:
         prefetch: batches a background thread prepares ahead (0: read in the caller's thread);
             with ``num_workers`` > 0, batches each worker prepares ahead (at least 1).
         epoch: the epoch, which seeds the shuffle.
-        num_workers: DataLoader worker processes that read and decode; 0: none.
+        num_workers: workers that read and decode; 0: none (this process, or its prefetch thread).
+        worker_kind: ``process`` (DataLoader worker processes) or ``thread`` (threads of this
+            process); the batches and their order are the same.
         pin_memory: hand out batches in pinned memory for faster copies to a GPU; a no-op without CUDA.
         shuffle_buffer: rows shuffled together (0: off): each worker reads its rows in windows of
             this many and hands them out in an order drawn from (seed, epoch, rank, worker, window).
@@ -352,6 +354,7 @@ class ParquetReader:
         prefetch: int = 0,
         epoch: int = 0,
         num_workers: int = 0,
+        worker_kind: WorkerKind = "process",
         pin_memory: bool = False,
         shuffle_buffer: int = 0,
         seed: int = 0,
@@ -364,7 +367,7 @@ class ParquetReader:
         )  # fmt: skip
         self._path, self._rank, self._world_size = path, rank, world_size
         self._batch_size, self._prefetch = batch_size, prefetch
-        self._num_workers, self._pin_memory = num_workers, pin_memory
+        self._num_workers, self._pin_memory, self._worker_kind = num_workers, pin_memory, worker_kind
         self._shuffle_buffer, self._seed, self._on_bad_rows = shuffle_buffer, seed, on_bad_rows
         self._schema = schema
         self._source = open_source(path, schema, labels=labels)
@@ -404,7 +407,8 @@ class ParquetReader:
             rank=self._rank, on_bad_rows=self._on_bad_rows,
         )  # fmt: skip
         streams = [WorkerStream(self._source, s, order, worker=w, start=done[w]) for w, s in enumerate(self._shares)]
-        items = run_workers(streams, rotation=rotation, num_workers=self._num_workers, prefetch=self._prefetch, pin_memory=self._pin_memory)
+        items = run_workers(streams, rotation=rotation, num_workers=self._num_workers, prefetch=self._prefetch,
+                            pin_memory=self._pin_memory, worker_kind=self._worker_kind)
         return _Tracked(items, self._progress)
 
     @property

@@ -225,6 +225,7 @@ class Trainer:
             epoch=epoch,
             prefetch=data.prefetch,
             num_workers=data.num_workers,
+            worker_kind=data.worker_kind,
             pin_memory=data.pin_memory and self.ctx.device.type == "cuda",
             shuffle_buffer=data.shuffle_buffer,
             seed=self.job.train.seed,
