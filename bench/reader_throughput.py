@@ -5,16 +5,21 @@
    the scan's favourite 65,536-row batches, in one run.
 2. One rank's reader rows/s divided by the rows/s one rank's training step consumes (the default
    job's sharded DLRM on 2 gloo ranks, stepping over in-memory batches), in one run.
+3. Rows/s delivered to a training loop by ``data.num_workers`` = 0, 1, 2, 4 workers, as processes
+   and as threads (``data.worker_kind``), against the raw bulk scan, in one run, over a larger
+   file of the same shape (``--worker-rows``, 2M: each pass then takes seconds, so starting the
+   workers, which is counted, does not decide it).
 
 Usage:
 
-    python bench/reader_throughput.py [--repeats 3] [--train-steps 200]
+    python bench/reader_throughput.py [--repeats 3] [--train-steps 200] [--workers 0,1,2,4] [--only scan|workers]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -52,6 +57,40 @@ def reader_rate(path: Path, schema: FeatureSchema, *, batch_size: int, rank: int
     for batch in reader:
         rows += batch.size
     return rows / (time.perf_counter() - start)
+
+
+def delivered_rate(path: Path, schema: FeatureSchema, *, batch_size: int, workers: int, kind: str, prefetch: int = 2) -> float:
+    """Rows/s a training loop receives from ParquetReader with ``workers`` workers of ``kind``
+    (process or thread): the time from asking for the first batch to holding the last, worker
+    start-up included."""
+    reader = ParquetReader(path, schema=schema, batch_size=batch_size, prefetch=prefetch, num_workers=workers,
+                           worker_kind=kind)  # type: ignore[arg-type]
+    start, rows = time.perf_counter(), 0
+    for batch in reader:
+        rows += batch.size
+    return rows / (time.perf_counter() - start)
+
+
+def workers_table(path: Path, schema: FeatureSchema, *, batch_size: int, counts: list[int], repeats: int) -> None:
+    """Rows/s delivered per worker count and kind, against the raw bulk scan, medians of interleaved repeats."""
+    kinds = [(0, "none")] + [(n, k) for n in counts if n for k in ("process", "thread")]
+    rates: dict[tuple[int, str], list[float]] = {k: [] for k in kinds}
+    bulk = []
+    for _ in range(repeats):
+        bulk.append(raw_scan(path, columns_of(schema), batch_size=65_536))
+        for n, kind in kinds:
+            rates[(n, kind)].append(delivered_rate(path, schema, batch_size=batch_size, workers=n, kind=kind if n else "process"))
+    scan = statistics.median(bulk)
+    base = statistics.median(rates[(0, "none")])
+    one = {k: statistics.median(rates[(1, k)]) for k in ("process", "thread") if (1, k) in rates}
+    print(f"\nraw bulk scan (65,536-row batches): {scan:,.0f} rows/s; batch {batch_size}; load average before: "
+          f"{os.getloadavg()[0]:.2f}")
+    print("| workers | kind | rows/s delivered | vs raw scan | vs 0 workers | vs 1 worker of its kind |")
+    print("|---|---|---|---|---|---|")
+    for n, kind in kinds:
+        r = statistics.median(rates[(n, kind)])
+        vs_one = f"{r / one[kind]:.2f}" if n and kind in one else ""
+        print(f"| {n} | {kind if n else 'prefetch thread'} | {r:,.0f} | {r / scan:.2f} | {r / base:.2f} | {vs_one} |", flush=True)
 
 
 def columns_of(schema: FeatureSchema) -> list[str]:
@@ -126,17 +165,27 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=200)
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--tmp", type=Path, default=Path("/tmp/shardrec-bench"))
+    p.add_argument("--workers", default="0,1,2,4", help="worker counts of the delivered-rows table")
+    p.add_argument("--worker-rows", type=int, default=2_000_000, help="rows of the delivered-rows table's file")
+    p.add_argument("--only", choices=["scan", "workers"], help="run one part: the decode-vs-scan tables, or the workers table")
     args = p.parse_args()
     args.tmp.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     job = load_job(None, ["checkpoint.enabled=false"])
     job = dataclasses.replace(job, data=resolve_data(job.data, job.features))
-    criteo = args.tmp / "criteo_shaped.parquet"
+    criteo = args.tmp / f"criteo_shaped_{args.rows}.parquet"
     if not criteo.exists():
         generate(job.features, rows=args.rows, path=criteo, seed=7, zipf_a=1.2, row_group_size=16_384)
-    seq = args.tmp / "sequence.parquet"
+    seq = args.tmp / f"sequence_{args.rows}.parquet"
     if not seq.exists():
         write_sequence_data(seq, args.rows)
+    big = args.tmp / f"criteo_shaped_{args.worker_rows}.parquet"
+    if args.only != "scan" and not big.exists():
+        generate(job.features, rows=args.worker_rows, path=big, seed=7, zipf_a=1.2, row_group_size=16_384)
+    if args.only == "workers":
+        workers_table(big, job.features, batch_size=job.data.batch_size, repeats=args.repeats,
+                      counts=[int(n) for n in args.workers.split(",")])
+        return
     print("| data | batch rows | reader rows/s | raw scan, same batch rows | reader / raw | raw scan, 65,536-row batches | reader / raw |")
     print("|---|---|---|---|---|---|---|")
     for name, path, schema in (("criteo-shaped (13 dense, 26 ids)", criteo, job.features), ("sequence mix (7 kinds, 2 labels)", seq, sequence_schema())):
@@ -145,6 +194,10 @@ def main() -> None:
             same = statistics.median(raw_scan(path, columns_of(schema), batch_size=batch_size) for _ in range(args.repeats))
             bulk = statistics.median(raw_scan(path, columns_of(schema), batch_size=65_536) for _ in range(args.repeats))
             print(f"| {name} | {batch_size} | {r:,.0f} | {same:,.0f} | {r / same:.2f} | {bulk:,.0f} | {r / bulk:.2f} |", flush=True)
+    if args.only == "scan":
+        return
+    workers_table(big, job.features, batch_size=job.data.batch_size, repeats=args.repeats,
+                  counts=[int(n) for n in args.workers.split(",")])
     train = measure(bench_job(args.train_steps, "auto", args.tmp), "memory", args.tmp, nproc=2, repeats=1)
     per_rank = statistics.median(
         reader_rate(criteo, job.features, batch_size=512, rank=0, world_size=2) for _ in range(args.repeats)

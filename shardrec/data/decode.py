@@ -52,22 +52,84 @@ def decode(table: pa.Table, schema: FeatureSchema, where: str) -> Chunk:
 
     A table read without the label columns (``ParquetReader(labels=False)``) gets ``[rows, 0]`` labels.
     """
-    sparse = [decode_sparse(table, f, i, schema, where) for i, f in enumerate(schema.sparse)]
+    rows = table.num_rows
+    stacked, fast = _single_ids(table, schema)
+    ones = _ones(rows)
+    sparse = [SparseColumn(ones, stacked[fast[i]]) if i in fast else decode_sparse(table, f, i, schema, where)  # type: ignore[index]
+              for i, f in enumerate(schema.sparse)]
     # The reader validated every label column present, or read none of them.
     labeled = any(name in table.column_names for name in schema.labels)
     labels = [decode_labels(table.column(t.name), t, where) for t in schema.tasks] if labeled else []
-    plain = [c for c, f in zip(sparse, schema.sparse) if not f.weights]
+    plain_index = [i for i, f in enumerate(schema.sparse) if not f.weights]
+    plain = [sparse[i] for i in plain_index]
     # Key-major stacks let a batch of single-id features be cut with one slice instead of one per key.
-    plain_lengths = np.stack([c.lengths for c in plain]) if plain else None
-    single = plain_lengths is not None and plain_lengths.size and plain_lengths.min() == 1 == plain_lengths.max()
+    if plain and all(i in fast for i in plain_index) and [fast[i] for i in plain_index] == list(range(len(stacked))):  # type: ignore[arg-type]
+        plain_lengths, plain_values = _ones(rows, len(plain)), stacked
+    else:
+        plain_lengths = np.stack([c.lengths for c in plain]) if plain else None
+        single = plain_lengths is not None and plain_lengths.size and plain_lengths.min() == 1 == plain_lengths.max()
+        plain_values = np.stack([c.values for c in plain]) if single else None
+    counting = _counting(rows)
     return Chunk(
         dense=_decode_dense(table, schema, where),
-        labels=_stack_labels(labels, schema, rows=table.num_rows),
+        labels=_stack_labels(labels, schema, rows=rows),
         sparse=sparse,
-        offsets=[np.concatenate(([0], np.cumsum(c.lengths, dtype=np.int64))) for c in sparse],
+        offsets=[counting if c.lengths is ones else np.concatenate(([0], np.cumsum(c.lengths, dtype=np.int64))) for c in sparse],
         plain_lengths=plain_lengths,
-        plain_values=np.stack([c.values for c in plain]) if single else None,
+        plain_values=plain_values,
     )
+
+
+_CONSTANTS: dict[tuple[str, int, int], np.ndarray] = {}
+"""Read-only arrays every chunk of a size shares (lengths of single ids, their offsets): made once,
+not allocated and faulted in again for each row group."""
+
+
+def _constant(kind: str, rows: int, keys: int) -> np.ndarray:
+    key = (kind, rows, keys)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        if len(_CONSTANTS) > 64:  # row groups of many sizes: keep the cache small
+            _CONSTANTS.clear()
+        found = np.ones((keys, rows), dtype=np.int32) if kind == "ones" else np.arange(rows + 1, dtype=np.int64)
+        found.flags.writeable = False
+        _CONSTANTS[key] = found
+    return found
+
+
+def _ones(rows: int, keys: int = 0) -> np.ndarray:
+    """int32 ones: ``[rows]``, or ``[keys, rows]`` when ``keys``; read-only and shared."""
+    return _constant("ones", rows, keys) if keys else _constant("ones", rows, 1)[0]
+
+
+def _counting(rows: int) -> np.ndarray:
+    """``0 .. rows`` as int64 (the offsets of one id per row); read-only and shared."""
+    return _constant("counting", rows, 0)
+
+
+def _single_ids(table: pa.Table, schema: FeatureSchema) -> tuple[np.ndarray | None, dict[int, int]]:
+    """The fast path of the commonest features: unhashed single ids in an integer column without
+    nulls, every one inside its table. Returns their ids stacked key-major ``[F, rows]`` and each
+    such feature's row in the stack (by schema index); None and {} when there are none or one is out
+    of range (then the general path decodes them and names the bad id)."""
+    picked = [(i, f) for i, f in enumerate(schema.sparse)
+              if not (f.negatives is not None or f.cross or f.bucketized or f.weights or f.hash or f.raw or f.sequence)]
+    columns, fast = [], {}
+    for i, f in picked:
+        col = table.column(f.column)
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        if pa.types.is_integer(arr.type) and not arr.null_count:
+            fast[i] = len(columns)
+            columns.append((arr, schema.table(f.table).num_embeddings))  # type: ignore[arg-type]
+    if not columns:
+        return None, {}
+    stacked = np.empty((len(columns), table.num_rows), dtype=np.int64)
+    for k, (arr, _) in enumerate(columns):
+        stacked[k] = arr.to_numpy()
+    limits = np.array([n for _, n in columns], dtype=np.int64)
+    if table.num_rows and ((stacked.min(axis=1) < 0) | (stacked.max(axis=1) >= limits)).any():
+        return None, {}
+    return stacked, fast
 
 
 def _stack_labels(labels: list[np.ndarray], schema: FeatureSchema, *, rows: int) -> np.ndarray:
@@ -82,10 +144,48 @@ def _to_float32(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _decode_dense(table: pa.Table, schema: FeatureSchema, where: str) -> np.ndarray:
-    out = np.empty((table.num_rows, len(schema.dense)), dtype=np.float32)
-    for i, f in enumerate(schema.dense):
-        out[:, i] = transform_dense(f, _to_float32(table.column(f.name)), where=where, index=i)
-    return out
+    """``[rows, D]`` float32 model inputs: :func:`transform_dense` of every dense column, done for
+    all columns at once (each step over a ``[D, rows]`` array), so the cost per column is one copy."""
+    features = schema.dense
+    x = np.empty((len(features), table.num_rows), dtype=np.float32)
+    for i, f in enumerate(features):
+        col = table.column(f.name)
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        if pa.types.is_floating(arr.type):
+            x[i] = arr.to_numpy(zero_copy_only=False)  # nulls become NaN
+        elif pa.types.is_integer(arr.type) and not arr.null_count:
+            x[i] = arr.to_numpy()
+        else:
+            x[i] = _to_float32(col)
+    clip = [i for i, f in enumerate(features) if f.clip is not None]
+    if clip:
+        lo = np.array([features[i].clip[0] for i in clip], dtype=np.float32)[:, None]  # type: ignore[index]
+        hi = np.array([features[i].clip[1] for i in clip], dtype=np.float32)[:, None]  # type: ignore[index]
+        x[clip] = np.clip(x[clip], lo, hi)
+    missing = np.isnan(x)
+    absent = missing.any(axis=1)
+    for i, f in enumerate(features):
+        if absent[i] and f.fill_missing is None:
+            raise DataError(
+                f"{where}: column '{f.name}' has {int(missing[i].sum())} null or NaN values; "
+                f"set features.dense[{i}].fill_missing to the value to use for them (or 'mean')"
+            )
+    if absent.any():
+        fill = np.array([0.0 if not absent[i] else _stats(f).raw_mean if f.fill_missing == "mean" else f.fill_missing
+                         for i, f in enumerate(features)], dtype=np.float32)[:, None]
+        x = np.where(missing, fill, x)
+    logs = [i for i, f in enumerate(features) if f.takes_log]
+    if logs:
+        x[logs] = np.log1p(np.maximum(x[logs], 0))
+    scaled = [(i, f) for i, f in enumerate(features) if f.normalize != "none"]
+    if scaled:
+        stats = [_stats(f) for _, f in scaled]
+        shift = np.array([s.mean if f.normalize != "minmax" else s.min for (_, f), s in zip(scaled, stats)], dtype=np.float32)
+        span = [s.std if f.normalize != "minmax" else s.max - s.min for (_, f), s in zip(scaled, stats)]
+        scale = np.array([v if v > 0 else 1.0 for v in span], dtype=np.float32)
+        rows = [i for i, _ in scaled]
+        x[rows] = (x[rows] - shift[:, None]) / scale[:, None]
+    return x.T  # batches copy their rows out (Assembler.take), so the transposed view is never copied whole
 
 
 def clipped(f: DenseFeature, x: np.ndarray) -> np.ndarray:

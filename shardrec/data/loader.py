@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shardrec.data.batch import Batch
 from shardrec.data.decode import Assembler, Chunk, decode
@@ -99,6 +101,11 @@ class WorkerStream:
         self.source, self.share, self.order = source, share, order
         self.worker, self.start = worker, start
         self.skipped = 0
+
+    @property
+    def count(self) -> int:
+        """Batches this stream yields."""
+        return self.share.batches - self.start
 
     def __iter__(self) -> Iterator[Item]:
         self.skipped = 0
@@ -212,17 +219,124 @@ def _culprits(parts: list[Part], bad: set[int], schema: FeatureSchema) -> Iterat
 # Running the workers: in process (optionally prefetched by a thread) or through a DataLoader.
 
 
+PACK_ROWS = 16_384
+"""Rows a worker process hands over at once. Every tensor crossing to the training process costs a
+shared-memory segment and a file descriptor (about as much as decoding a few thousand rows), so a
+worker packs consecutive batches into a few large tensors and the training process cuts them apart."""
+
+
+@dataclass
+class _Pack:
+    """Consecutive batches of one DataLoader worker, their tensors concatenated."""
+
+    slot: int
+    """The DataLoader worker that made it."""
+    items: list[tuple[int, int, int, int]]
+    """Per batch: rows, ids of its unweighted KJT, ids of its weighted KJT, rows skipped so far."""
+    worker: int
+    keys: list[str]
+    weighted_keys: list[str] | None
+    tensors: dict[str, torch.Tensor]
+
+    def pin_memory(self) -> _Pack:
+        return _Pack(self.slot, self.items, self.worker, self.keys, self.weighted_keys,
+                     {k: t.pin_memory() for k, t in self.tensors.items()})
+
+
+def _pack(slot: int, items: list[Item]) -> _Pack:
+    batches = [b for b, _, _ in items]
+    weighted = batches[0].weighted_features
+    tensors = {
+        "dense": torch.cat([b.dense_features for b in batches]),
+        "labels": torch.cat([b.labels for b in batches]),
+        "values": torch.cat([b.sparse_features.values() for b in batches]),
+        "lengths": torch.cat([b.sparse_features.lengths() for b in batches]),
+    }
+    if weighted is not None:
+        for name, get in (("w_values", KeyedJaggedTensor.values), ("w_lengths", KeyedJaggedTensor.lengths),
+                          ("w_weights", KeyedJaggedTensor.weights)):
+            tensors[name] = torch.cat([get(b.weighted_features) for b in batches])  # type: ignore[arg-type]
+    meta = [(b.size, b.sparse_features.values().numel(),
+             b.weighted_features.values().numel() if b.weighted_features is not None else 0, skipped)
+            for b, (_, _, skipped) in zip(batches, items)]
+    return _Pack(slot, meta, items[0][1], list(batches[0].sparse_features.keys()),
+                 list(weighted.keys()) if weighted is not None else None, tensors)
+
+
+def _unpack(pack: _Pack) -> Iterator[Item]:
+    t = pack.tensors
+    row = ids = wids = 0
+    nkeys, nweighted = len(pack.keys), len(pack.weighted_keys or [])
+    for rows, n, wn, skipped in pack.items:
+        weighted = None
+        if pack.weighted_keys is not None:
+            wl = t["w_lengths"][row * nweighted : (row + rows) * nweighted]
+            weighted = KeyedJaggedTensor(keys=pack.weighted_keys, values=t["w_values"][wids : wids + wn], lengths=wl,
+                                         weights=t["w_weights"][wids : wids + wn], stride=rows)
+        batch = Batch(
+            dense_features=t["dense"][row : row + rows],
+            sparse_features=KeyedJaggedTensor(keys=pack.keys, values=t["values"][ids : ids + n],
+                                              lengths=t["lengths"][row * nkeys : (row + rows) * nkeys], stride=rows),
+            labels=t["labels"][row : row + rows],
+            weighted_features=weighted,
+        )
+        yield batch, pack.worker, skipped
+        row, ids, wids = row + rows, ids + n, wids + wn
+
+
 class _Shares(IterableDataset):
-    """The worker streams as a DataLoader dataset; DataLoader worker ``i`` runs share ``(rotation + i) % W``."""
+    """The worker streams as a DataLoader dataset; DataLoader worker ``i`` runs share ``(rotation + i) % W``
+    and hands its batches over in packs of about PACK_ROWS rows."""
 
     def __init__(self, streams: list[WorkerStream], rotation: int) -> None:
         super().__init__()
         self.streams, self.rotation = streams, rotation
 
-    def __iter__(self) -> Iterator[Item]:
+    def __iter__(self) -> Iterator[_Pack]:
         info = get_worker_info()
-        worker = 0 if info is None else info.id
-        return iter(self.streams[(self.rotation + worker) % len(self.streams)])
+        slot = 0 if info is None else info.id
+        stream = self.streams[(self.rotation + slot) % len(self.streams)]
+        per_pack = max(1, PACK_ROWS // stream.share.batch_size)
+        items: list[Item] = []
+        for item in stream:
+            items.append(item)
+            if len(items) == per_pack:
+                yield _pack(slot, items)
+                items = []
+        if items:
+            yield _pack(slot, items)
+
+
+class _Unpacked:
+    """The packs' batches in the order the DataLoader would hand single batches over: one from each
+    worker in turn, skipping those that are done (each worker's count of batches is known)."""
+
+    def __init__(self, packs: Iterator[_Pack], counts: list[int]) -> None:
+        self._packs = packs
+        self._remaining = list(counts)
+        self._pending: list[deque[Item]] = [deque() for _ in counts]
+        self._next = 0
+
+    def __iter__(self) -> _Unpacked:
+        return self
+
+    def __next__(self) -> Item:
+        n = len(self._remaining)
+        slot = next((j % n for j in range(self._next, self._next + n) if self._remaining[j % n] > 0), None)
+        if slot is None:
+            raise StopIteration
+        while not self._pending[slot]:
+            pack = next(self._packs)  # StopIteration here: a worker gave fewer batches than its share
+            self._pending[pack.slot].extend(_unpack(pack))
+        self._remaining[slot] -= 1
+        self._next = slot + 1
+        return self._pending[slot].popleft()
+
+    def close(self) -> None:
+        """Stops the worker processes."""
+        shutdown = getattr(self._packs, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 WorkerKind = Literal["process", "thread"]
@@ -259,7 +373,8 @@ def run_workers(
             prefetch_factor=max(prefetch, 1),
             pin_memory=pin,
         )
-        return iter(loader)
+        counts = [streams[(rotation + i) % len(streams)].count for i in range(len(streams))]
+        return _Unpacked(iter(loader), counts)
     items = _pinned(iter(streams[0])) if pin else iter(streams[0])
     return _Prefetcher(items, depth=prefetch) if prefetch else items
 

@@ -90,6 +90,8 @@ def _flatten(arr: pa.Array) -> tuple[np.ndarray, pa.Array, np.ndarray]:
     items = pc.list_flatten(arr)
     if pa.types.is_dictionary(items.type):
         items = items.dictionary_decode()
+    if not items.null_count:  # the usual case: no mask to compute
+        return lengths, items, np.ones(len(items), dtype=bool)
     keep = items.is_valid().to_numpy(zero_copy_only=False)
     if not keep.all():
         parents = np.repeat(np.arange(len(arr)), lengths)
@@ -166,9 +168,13 @@ def _keep_last(col: SparseColumn, max_len: int) -> SparseColumn:
     """Cuts every row to its last ``max_len`` ids (the most recent, for a history ordered oldest first)."""
     if not len(col.lengths) or col.lengths.max(initial=0) <= max_len:
         return col
-    ends = np.cumsum(col.lengths, dtype=np.int64)
+    starts = np.cumsum(col.lengths, dtype=np.int64) - col.lengths
+    excess = col.lengths.astype(np.int64) - max_len
+    cut = excess > 0
+    # +1 where a long row's dropped ids begin, -1 where its kept ones begin: a running sum marks the dropped.
+    marks = np.zeros(len(col.values) + 1, dtype=np.int32)
+    marks[starts[cut]] += 1
+    marks[starts[cut] + excess[cut]] -= 1
+    keep = np.cumsum(marks[:-1]) == 0
     new_len = np.minimum(col.lengths, max_len).astype(np.int32)
-    starts = np.repeat(ends - new_len, new_len)
-    within = np.arange(int(new_len.sum()), dtype=np.int64) - np.repeat(np.cumsum(new_len, dtype=np.int64) - new_len, new_len)
-    idx = starts + within
-    return SparseColumn(new_len, col.values[idx], None if col.weights is None else col.weights[idx])
+    return SparseColumn(new_len, col.values[keep], None if col.weights is None else col.weights[keep])

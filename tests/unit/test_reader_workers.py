@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from shardrec.data import loader
 from shardrec.data.batch import Batch
 from shardrec.data.reader import ParquetReader
 from shardrec.data.schema import DenseFeature, FeatureSchema, SparseFeature, TableConfig
@@ -20,7 +21,8 @@ from shardrec.data.schema import DenseFeature, FeatureSchema, SparseFeature, Tab
 SCHEMA = FeatureSchema(
     label="label",
     dense=[DenseFeature(name="rid")],
-    sparse=[SparseFeature(name="c", table="t"), SparseFeature(name="hist", table="t", sequence=True, max_len=3)],
+    sparse=[SparseFeature(name="c", table="t"), SparseFeature(name="hist", table="t", sequence=True, max_len=3),
+            SparseFeature(name="tags", table="t", weights="tag_w")],
     tables=[TableConfig(name="t", num_embeddings=50, embedding_dim=2)],
 )
 ROWS, SHARE, BATCH = 61, 30, 4  # one row left over on 2 ranks; 8 batches per rank, the last of 2 rows
@@ -32,8 +34,11 @@ KINDS = ["process", "thread"]
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     hist = [rng.integers(0, 50, int(n)).tolist() for n in rng.integers(0, 5, ROWS)]
+    tags = [rng.integers(0, 50, int(n)).tolist() for n in rng.integers(0, 3, ROWS)]
     table = pa.table({"label": pa.array(rng.integers(0, 2, ROWS), pa.int8()), "rid": pa.array(np.arange(ROWS), pa.float32()),
-                      "c": pa.array(rng.integers(0, 50, ROWS)), "hist": pa.array(hist, pa.list_(pa.int64()))})
+                      "c": pa.array(rng.integers(0, 50, ROWS)), "hist": pa.array(hist, pa.list_(pa.int64())),
+                      "tags": pa.array(tags, pa.list_(pa.int64())),
+                      "tag_w": pa.array([rng.random(len(t)).tolist() for t in tags], pa.list_(pa.float32()))})
     path = tmp_path_factory.mktemp("workers") / "d.parquet"
     pq.write_table(table, path, row_group_size=7)
     return path
@@ -54,6 +59,11 @@ def _same(a: list[Batch], b: list[Batch]) -> None:
         assert torch.equal(x.dense_features, y.dense_features) and torch.equal(x.labels, y.labels)
         assert torch.equal(x.sparse_features.values(), y.sparse_features.values())
         assert torch.equal(x.sparse_features.lengths(), y.sparse_features.lengths())
+        assert x.sparse_features.keys() == y.sparse_features.keys() and x.sparse_features.stride() == y.sparse_features.stride()
+        wx, wy = x.weighted_features, y.weighted_features
+        assert wx is not None and wy is not None and wx.keys() == wy.keys() == ["tags"]
+        assert torch.equal(wx.values(), wy.values()) and torch.equal(wx.lengths(), wy.lengths())
+        assert torch.equal(wx.weights(), wy.weights())
 
 
 def _expected_order(workers: int) -> list[list[int]]:
@@ -69,6 +79,16 @@ def _expected_order(workers: int) -> list[list[int]]:
 def test_order_is_each_workers_run_in_turn(data: Path, workers: int, kind: str) -> None:
     batches = list(_reader(data, workers=workers, kind=kind))
     assert _rids(batches) == _expected_order(workers)
+
+
+@pytest.mark.parametrize("pack_rows", [4, 8, 12, 4096])
+def test_packed_hand_off_gives_the_batches_one_by_one(data: Path, monkeypatch: pytest.MonkeyPatch, pack_rows: int) -> None:
+    # Packs of 1, 2 and 3 batches and one of the whole share; the worker processes fork with the patched size.
+    monkeypatch.setattr(loader, "PACK_ROWS", pack_rows)
+    for workers in (1, 2, 3):
+        for start in (0, 3):
+            _same(list(_reader(data, workers=workers, kind="process", start_batch=start)),
+                  list(_reader(data, workers=workers, kind="thread", start_batch=start)))
 
 
 @pytest.mark.parametrize("workers", WORKERS)
@@ -117,3 +137,16 @@ def test_stopping_early_ends_the_threads(data: Path) -> None:
     assert len(ours() - before) == 3
     it.close()  # what the trainer does when it leaves an epoch early
     assert not ours() - before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("workers", "kind"), [(0, "process"), (2, "process"), (2, "thread")])
+def test_cuda_batches_are_pinned_and_copied_without_blocking(data: Path, workers: int, kind: str) -> None:
+    plain = list(_reader(data, workers=workers, kind=kind))
+    pinned = list(_reader(data, workers=workers, kind=kind, pin_memory=True))
+    assert all(b.dense_features.is_pinned() and b.sparse_features.values().is_pinned() for b in pinned)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        on_gpu = [b.to(torch.device("cuda"), non_blocking=True) for b in pinned]
+    stream.synchronize()
+    _same([b.to(torch.device("cpu")) for b in on_gpu], plain)
