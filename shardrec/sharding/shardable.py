@@ -26,18 +26,66 @@ from shardrec.train.config import SparseOptimizerConfig
 
 
 class TrainModule(nn.Module):
-    """Wraps a zoo model: ``forward(batch) -> (loss, (loss, logits, labels))`` as torchrec pipelines expect."""
+    """Wraps a zoo model: ``forward(batch) -> (loss, (loss, logits, labels))`` as torchrec pipelines expect.
 
-    def __init__(self, model: nn.Module, *, tasks: list[LabelConfig] | None = None, single_label: bool = True) -> None:
+    With ``precision="bf16"`` the model's forward runs under ``torch.autocast`` in bfloat16 (on the
+    batch's device type); its outputs are cast back to fp32 before the loss, so losses (a softmax
+    over a large catalogue included) and metrics are computed in fp32.
+    """
+
+    def __init__(self, model: nn.Module, *, tasks: list[LabelConfig] | None = None, single_label: bool = True,
+                 precision: str = "fp32", device_type: str = "cpu") -> None:
         super().__init__()
         self.model = model
         self.tasks = tasks
         self.single_label = single_label
+        self.autocast = precision == "bf16"
+        self.device_type = device_type
+        """Where the dense parts compute (autocast's device type): a plain string, which the
+        pipeline's tracer can read where it cannot read a batch tensor's device."""
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        outputs = self.model(batch.dense_features, batch.sparse_features)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+            outputs = self.model(batch.dense_features, batch.sparse_features)
+        outputs = to_fp32(outputs)
         loss, logits = registry.training_loss(self.model, outputs, batch.labels, self.tasks, single=self.single_label)
         return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+def to_fp32(outputs: Any) -> Any:
+    """``outputs`` (a tensor, or a tuple or named tuple of them) with every floating tensor in fp32."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, tuple):
+        items = [to_fp32(o) for o in outputs]
+        return type(outputs)(*items) if hasattr(outputs, "_fields") else tuple(items)
+    return outputs
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raises a ConfigError when ``device`` cannot compute in ``precision`` at speed."""
+    if precision != "bf16":
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"train.precision: bf16, but GPU '{torch.cuda.get_device_name(device)}' has no bf16 support; "
+                              "use fp32")
+    elif not cpu_has_bf16():
+        raise ConfigError("train.precision: bf16, but this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 "
+                          "would run slower than fp32; use fp32")
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU computes bf16 natively: the avx512_bf16 or amx_bf16 flag on Linux; elsewhere
+    oneDNN's own answer (which also says yes where it only emulates bf16 with AVX512)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass(frozen=True)
@@ -59,7 +107,8 @@ def meta_model(job: JobConfig, *, device_type: str | None = None) -> MetaModel:
     if device_type is not None:
         check_sparse_optimizer(job.train.sparse_optimizer, device_type=device_type)
     model = registry.build_model(job.model_name, job.model_params, schema=job.features, device=torch.device("meta"))
-    module = TrainModule(model, tasks=job.features.tasks, single_label=job.features.single_label)
+    module = TrainModule(model, tasks=job.features.tasks, single_label=job.features.single_label, precision=job.train.precision,
+                         device_type=device_type or "cpu")
     fuse_sparse_optimizer(module, job.train.sparse_optimizer)
     return MetaModel(module=module, tables=model_tables(module))
 

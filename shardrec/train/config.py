@@ -112,6 +112,11 @@ class TrainConfig:
     """Training pipeline; auto: sparse_dist, the faster one on cuda and on cpu (docs/benchmarks.md)."""
     seed: int = 0
     """Seed of initialization; the same seed gives the same run."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision of the models' dense parts: ``bf16`` runs their forward under
+    ``torch.autocast`` in bfloat16 (weights, optimizer states, losses and metrics stay fp32; refused on
+    a CPU without bf16 support); ``fp16`` is not offered yet (it needs a grad scaler in the
+    pipeline): refused. The embedding tables are not affected."""
     progress_bar: bool = True
     """Show a progress bar with samples/s on rank 0."""
     tensorboard: bool = True
@@ -135,5 +140,8 @@ class TrainConfig:
             raise ConfigError(f"train.steps must be > 0, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
+        if self.precision == "fp16":
+            raise ConfigError("train.precision: fp16 is not offered yet (the training pipeline has no grad scaler); "
+                              "use bf16, which needs none, or fp32")
         if self.eval_interval < 0 or self.log_interval <= 0:
             raise ConfigError("train.eval_interval must be >= 0 and train.log_interval > 0")

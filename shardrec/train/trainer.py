@@ -41,7 +41,7 @@ from shardrec.data.catalogue import Catalogue, read_catalogue, write_item_embedd
 from shardrec.sharding.plan_file import load_plan
 from shardrec.sharding.objectives import collective_plan_for_objective
 from shardrec.sharding.planner import format_plan, plan_rows, save_plan, topology_spec
-from shardrec.sharding.shardable import meta_model
+from shardrec.sharding.shardable import check_precision, meta_model
 from shardrec.sharding.sharders import default_sharders
 
 
@@ -187,6 +187,7 @@ class Trainer:
     def build_model(self) -> DistributedModelParallel:
         """Builds on meta, plans, shards and initializes the model independently of the plan."""
         job, ctx = self.job, self.ctx
+        check_precision(job.train.precision, ctx.device)
         meta = meta_model(job, device_type=ctx.device.type)
         module, tables = meta.module, meta.tables
         spec = topology_spec(

@@ -20,7 +20,9 @@ from shardrec.data.negatives import NegativeSampler
 from shardrec.data.reader import ParquetReader
 from shardrec.data.schema import FeatureSchema, SparseFeature, TableConfig, criteo_schema
 from shardrec.errors import ConfigError
+from shardrec.data.batch import Batch
 from shardrec.models import layers, registry
+from shardrec.sharding.shardable import TrainModule, cpu_has_bf16
 from shardrec.models.deepfm import fm_second_order
 from shardrec.models.dlrm import dot_interaction
 
@@ -187,7 +189,10 @@ def test_deep_layer_sizes_must_be_positive(model_name: str) -> None:
         registry.model_config(model_name, {"deep_layer_sizes": [8, 0]})
 
 
-def test_loss_falls_on_planted_signal(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_loss_falls_on_planted_signal(name: str, tmp_path: Path, precision: str) -> None:
+    if precision == "bf16" and not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions (train.precision: bf16 is refused on it)")
     torch.manual_seed(0)
     schema = _schema_for(name)
     model = _build(name, schema)
@@ -209,8 +214,10 @@ def test_loss_falls_on_planted_signal(name: str, tmp_path: Path) -> None:
     # HLLM's item transformer collapses under large first steps (tests/helpers.py MODEL_TRAIN).
     opt = torch.optim.Adam(model.parameters(), lr=0.001 if name == "hllm" else 0.01)
     losses = []
+    # Through the trainer's TrainModule: bf16 runs the model under autocast, the loss in fp32.
+    step = TrainModule(model, precision=precision)
     for _ in range(30):
-        loss, _ = registry.training_loss(model, model(dense, kjt), labels)
+        loss, _ = step(Batch(dense_features=dense, sparse_features=kjt, labels=labels))
         opt.zero_grad()
         loss.backward()
         opt.step()

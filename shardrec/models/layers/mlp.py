@@ -46,8 +46,11 @@ class BatchNorm(nn.BatchNorm1d):
         # training pipeline's and the exporter's fx tracers cannot evaluate.
         if self.training:
             self.num_batches_tracked.add_(1)
-        return nn.functional.batch_norm(flat, self.running_mean, self.running_var, self.weight, self.bias,
-                                        self.training, self.momentum, self.eps)
+        # The statistics stay fp32 under bf16 autocast: a bf16 batch mean and variance (8-bit mantissa)
+        # would drift the running averages; the output goes back to the input's dtype.
+        out = nn.functional.batch_norm(flat.float(), self.running_mean, self.running_var, self.weight, self.bias,
+                                       self.training, self.momentum, self.eps)
+        return out.to(flat.dtype)
 
 
 class MLP(nn.Sequential):
