@@ -18,7 +18,7 @@ from shardrec.models import registry
 from shardrec.train.config import TrainConfig
 
 TRAIN_KEYS = (
-    "dense_optimizer, epochs, eval_batches, eval_interval, log_interval, lr_schedule, pipeline, progress_bar, retrieval, seed, "
+    "dense_optimizer, epochs, eval_batches, eval_interval, log_interval, lr_schedule, pipeline, precision, progress_bar, retrieval, seed, "
     "sparse_optimizer, steps, tensorboard, timeout_s"
 )
 
