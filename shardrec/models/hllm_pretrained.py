@@ -249,7 +249,7 @@ class PretrainedHLLM(RetrievalModel):
         tokenizer = load_tokenizer(tokenizer_path(config), key="model.tokenizer")
         if self.item_llm is not None:
             self.item_llm.load_weights(seed=seed)
-            tokens, mask = self._tokenize(tokenizer, texts)
+            tokens, mask = self._tokenize(tokenizer, texts, vocab=self.item_llm.vocab_size)
             self.item_tokens.zero_()
             self.item_mask.zero_()
             self.item_tokens[ids] = tokens.to(self.item_tokens.device)
@@ -269,12 +269,11 @@ class PretrainedHLLM(RetrievalModel):
         self.item_language.zero_()
         self.item_language[ids] = vectors.to(self.item_language.device)
 
-    def _tokenize(self, tokenizer: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokenize(self, tokenizer: Any, texts: list[str], *, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.config.item_text is not None
         out = tokenizer(texts, max_length=self.config.item_text.max_tokens, truncation=True, padding="max_length",
                         return_tensors="pt")
         tokens, mask = out["input_ids"], out["attention_mask"].bool()
-        vocab = self.item_llm.vocab_size if self.item_llm is not None else self._item_vocab
         if vocab and int(tokens.max()) >= vocab:
             raise ConfigError(f"the tokenizer '{tokenizer_path(self.config)}' gives token id {int(tokens.max())}, but "
                               f"model.item_llm's vocabulary has {vocab} tokens: the tokenizer belongs to another model; "
@@ -290,8 +289,7 @@ class PretrainedHLLM(RetrievalModel):
         llm.uses_ids = True
         llm.load_weights(seed=seed)
         llm.eval()
-        self._item_vocab = llm.vocab_size
-        tokens, mask = self._tokenize(tokenizer, texts)
+        tokens, mask = self._tokenize(tokenizer, texts, vocab=llm.vocab_size)
         start, parts = time.perf_counter(), []
         for i in range(0, len(texts), config.embed_batch_size):
             t, m = tokens[i : i + config.embed_batch_size], mask[i : i + config.embed_batch_size]
