@@ -1,11 +1,12 @@
 """Training samples/s in fp32 and bf16: shardrec from Parquet against torchrec driven by hand.
 
 The Criteo-shaped DLRM of issue #22: 13 dense features, 26 tables of 100,000 x 64, bottom MLP
-[512, 256, 64], top MLP [512, 256, 1], batch 2,048 per rank, 2 gloo ranks on this CPU. Four ways,
+[512, 256, 64], top MLP [512, 256, 1], batch 2,048 per rank, 2 gloo ranks on this CPU. Five ways,
 interleaved ``--repeats`` times (medians), each a fresh pair of ranks:
 
 * ``shardrec fp32`` / ``shardrec bf16``: ``shardrec train``'s Trainer with ``train.precision``,
   batches streamed from the Parquet file by its reader (prefetch thread), its plan and pipeline;
+  ``shardrec bf16, fp16 tables`` also sets ``features.table_precision: fp16``;
 * ``torchrec fp32``: torchrec's own ``DLRM`` and ``DLRMTrain`` in ``DistributedModelParallel`` with
   its default planner, the sparse optimizer fused (row-wise Adagrad), Adam on the rest through a
   ``CombinedOptimizer``, ``TrainPipelineSparseDist`` over 32 batches built in memory before the
@@ -53,10 +54,10 @@ def schema() -> FeatureSchema:
     return s
 
 
-def job(path: Path, work: Path, *, steps: int, precision: str) -> JobConfig:
+def job(path: Path, work: Path, *, steps: int, precision: str, tables: str = "fp32") -> JobConfig:
     return build(JobConfig, {
         "model": {"name": "dlrm", "dense_arch_layer_sizes": BOTTOM, "over_arch_layer_sizes": TOP},
-        "features": to_dict(schema()),
+        "features": {**to_dict(schema()), "table_precision": tables},
         "data": {"train_path": str(path), "batch_size": BATCH, "prefetch": 2},
         "sharding": {"compute_device": "cpu"},
         "train": {"steps": steps, "progress_bar": False, "tensorboard": False, "log_interval": 1000, "precision": precision,
@@ -144,6 +145,8 @@ def main() -> None:
     runs = {
         "shardrec fp32": lambda: run_ranks(_shardrec, job(path, args.work, steps=args.steps, precision="fp32"), args.work / "r", timeout=1800)[0],
         "shardrec bf16": lambda: run_ranks(_shardrec, job(path, args.work, steps=args.steps, precision="bf16"), args.work / "r", timeout=1800)[0],
+        "shardrec bf16, fp16 tables": lambda: run_ranks(
+            _shardrec, job(path, args.work, steps=args.steps, precision="bf16", tables="fp16"), args.work / "r", timeout=1800)[0],
         "torchrec fp32": lambda: run_ranks(_torchrec, str(path), args.steps, args.warmup, False, timeout=1800)[0],
         "torchrec bf16 by hand": lambda: run_ranks(_torchrec, str(path), args.steps, args.warmup, True, timeout=1800)[0],
     }

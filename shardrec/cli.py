@@ -431,7 +431,8 @@ def _serving_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="a checkpoint as a quantized TorchScript model plus manifest, for serving")
     e.add_argument("checkpoint", help="a checkpoints/step-N folder, or a run folder (its latest checkpoint)")
     e.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
-    e.add_argument("--quantize", default="none", help="table weights: int8, int4, fp16 or none (float32); default none")
+    e.add_argument("--quantize", default=None,
+                   help="table weights: int8, int4, fp16 or none (float32); default: as trained (fp16 tables fp16, others none)")
     e.add_argument("--table-quantize", action="append", default=[], metavar="TABLE=KIND", help="one table's weights (repeatable)")
     e.add_argument("--config", type=Path, help="job file of the model; default the checkpoint's config.yaml")
     e.set_defaults(func=export_serving)

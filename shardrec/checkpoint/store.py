@@ -110,12 +110,16 @@ def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = Tru
         raise CheckpointError(f"checkpoint '{path}' could not be read: {e}") from e
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
+    recast = precision_changes(flat, saved.entries)
     converted = {_param_of(k) for k in other if k not in failed and not k.endswith(".step")}
     zeroed = {_param_of(k) for k in failed}
     if dist.is_initialized() and dist.get_world_size() > 1:  # a rank without shards of a table has no state for it
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (converted, zeroed))
         converted, zeroed = set().union(*(c for c, _ in everyone)), set().union(*(z for _, z in everyone))
+    if warn and recast:
+        print(f"note: weights of {', '.join(recast)} converted from the checkpoint's precision (a table of another "
+              "'precision' than when it was saved)", flush=True)
     if warn and converted:
         print(f"note: optimizer state of {sorted(converted)} converted from the layout of checkpoint '{path}' "
               "(docs/checkpointing.md, 'Optimizer state across layouts')", flush=True)
@@ -123,6 +127,22 @@ def load(path: Path, *, model: nn.Module, optimizer: Optimizer, warn: bool = Tru
         print(f"warning: optimizer state starts from zero for {sorted(zeroed)}: checkpoint "
               f"'{path}' holds it in a form that cannot be converted", flush=True)
     return meta
+
+
+def precision_changes(flat: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """``table: fp16 -> fp32`` for each model tensor whose dtype differs from its checkpoint entry
+    (read with a cast: fp16 values widen exactly, fp32 ones round to nearest)."""
+    out = []
+    for k, v in flat.items():
+        md = saved.get(k)
+        if k.startswith("model.") and isinstance(v, torch.Tensor) and isinstance(md, TensorStorageMetadata) \
+                and md.properties.dtype != v.dtype:
+            out.append(f"{table_of_key(k) or k[6:]} {_DTYPE_NAMES.get(md.properties.dtype, md.properties.dtype)} -> "
+                       f"{_DTYPE_NAMES.get(v.dtype, v.dtype)}")
+    return sorted(set(out))
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _read_in_place(saved: SavedCheckpoint, key: str, value: Any) -> bool:

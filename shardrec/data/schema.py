@@ -14,7 +14,8 @@ Example YAML (the ``features`` section of a job)::
         - {name: price_bucket, source: price, num_buckets: 32, table: t_price}  # quantile buckets
       tables:
         - {name: t_C1, num_embeddings: 100000, embedding_dim: 16}
-        - {name: t_price, num_embeddings: 32, embedding_dim: 16}
+        - {name: t_price, num_embeddings: 32, embedding_dim: 16, precision: fp32}
+      table_precision: fp16                # every table's weights in fp16 unless it says otherwise
 
 Normalization, ``fill_missing: mean`` and ``num_buckets`` need statistics of the training data
 (:mod:`shardrec.data.feature_stats`): a run computes them in one pass before its first step and
@@ -29,6 +30,9 @@ from typing import Literal
 
 from shardrec.errors import ConfigError
 
+TablePrecision = Literal["fp32", "fp16"]
+"""Storage precision of an embedding table's weights."""
+
 
 @dataclass(kw_only=True)
 class TableConfig:
@@ -42,6 +46,16 @@ class TableConfig:
     """Width of each row."""
     pooling: Literal["sum", "mean"] = "sum"
     """How a bag of ids is reduced to one vector."""
+    precision: TablePrecision | None = None
+    """Storage precision of the weights: fp32, or fp16 (half the memory; the fused optimizer
+    updates them with stochastic rounding, its state stays fp32); unset: ``features.table_precision``."""
+    resolved: TablePrecision | None = field(default=None, init=False, repr=False, compare=False)
+    """``precision``, or the schema's ``table_precision`` where unset (set by FeatureSchema); not a YAML key."""
+
+    @property
+    def storage(self) -> TablePrecision:
+        """The precision the weights are stored in."""
+        return self.precision or self.resolved or "fp32"
 
     def __post_init__(self) -> None:
         if self.num_embeddings <= 0:
@@ -323,8 +337,13 @@ class FeatureSchema:
     """Sparse id features, in the order of the KeyedJaggedTensor's keys."""
     tables: list[TableConfig] = field(default_factory=list)
     """Embedding tables."""
+    table_precision: TablePrecision = "fp32"
+    """Storage precision of every table that sets no ``precision`` of its own: fp32 or fp16."""
 
     def __post_init__(self) -> None:
+        for t in self.tables:
+            if t.resolved is None:  # a schema built from another's tables keeps what that one resolved
+                t.resolved = t.precision or self.table_precision
         tables = [t.name for t in self.tables]
         _check_unique(tables, "features.tables")
         _check_unique([f.name for f in self.dense] + [f.name for f in self.sparse], "features")

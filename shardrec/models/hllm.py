@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema, SparseFeature
 from shardrec.errors import ConfigError
 from shardrec.models.layers import PositionEmbedding, TransformerBlock
+from shardrec.models.layers.embedding import data_type
 from shardrec.models.registry import register
 from shardrec.models.retrieval import (
     RetrievalLoss,
@@ -339,7 +340,7 @@ class HLLM(RetrievalModel):
         self.token_dim = table.embedding_dim
         self.ec = EmbeddingCollection(tables=[EmbeddingConfig(
             name=table.name, num_embeddings=table.num_embeddings, embedding_dim=table.embedding_dim,
-            feature_names=[lay.item_text, lay.history_text],
+            feature_names=[lay.item_text, lay.history_text], data_type=data_type(table),
         )], device=device)
         self.item_model = ItemModel(table.embedding_dim, lay.tokens, config, device=device)
         self.user_model = UserModel(lay.length, config, device=device)

@@ -41,6 +41,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shardrec.data.catalogue import read_catalogue
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError, DataError
+from shardrec.models.layers.embedding import data_type
 from shardrec.models.layers.pretrained import PretrainedTransformer, load_tokenizer, spec_digest
 from shardrec.models.retrieval import (
     RetrievalLoss,
@@ -221,6 +222,7 @@ class PretrainedHLLM(RetrievalModel):
             self.ec = EmbeddingCollection(tables=[EmbeddingConfig(
                 name=table.name, num_embeddings=table.num_embeddings, embedding_dim=table.embedding_dim,
                 feature_names=[self.item_feature, self.history_feature, *([self.negatives] if self.negatives else [])],
+                data_type=data_type(table),
             )], device=device)
             self.id_proj = nn.Linear(table.embedding_dim, dim, bias=False, device=device)
         self.user_in = nn.Linear(dim, self.user_llm.hidden, device=device)

@@ -26,6 +26,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from shardrec.data.schema import FeatureSchema
 from shardrec.errors import ConfigError
+from shardrec.models.layers.embedding import data_type
 from shardrec.models.layers.jagged import jagged_last, jagged_next, jagged_prefix
 from shardrec.models.retrieval import (
     RetrievalLoss,
@@ -109,7 +110,7 @@ def build_item_ec(schema: FeatureSchema, layout: SeqRecLayout, *, device: torch.
     names = [n for n in (layout.item, layout.history, layout.negatives) if n is not None]
     table = schema.table(layout.table)
     config = EmbeddingConfig(name=table.name, num_embeddings=table.num_embeddings, embedding_dim=table.embedding_dim,
-                             feature_names=names)
+                             feature_names=names, data_type=data_type(table))
     return EmbeddingCollection(tables=[config], device=device)
 
 

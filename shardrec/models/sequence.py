@@ -25,6 +25,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from shardrec.data.schema import FeatureSchema, SparseFeature
 from shardrec.errors import ConfigError
 from shardrec.models.layers import build_ebc, pooled_by_feature
+from shardrec.models.layers.embedding import data_type
 
 SequenceActivation = Literal["dice", "prelu"]
 """The activations DIN and DIEN offer for their MLPs (:class:`shardrec.models.layers.MLP`)."""
@@ -121,6 +122,7 @@ def build_sequence_ec(schema: FeatureSchema, *, device: torch.device) -> Embeddi
             num_embeddings=schema.table(name).num_embeddings,
             embedding_dim=schema.table(name).embedding_dim,
             feature_names=schema.features_of(name),
+            data_type=data_type(schema.table(name)),
         )
         for name in schema.sequence_tables()
     ]

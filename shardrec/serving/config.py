@@ -21,8 +21,9 @@ class ExportConfig:
     """A checkpoints/step-N folder, or a run folder (its latest checkpoint)."""
     out: Path
     """Folder to write; must not exist."""
-    quantize: Quantize = "none"
-    """Weight dtype of every table: int8, int4, fp16, or none (float32)."""
+    quantize: Quantize | None = None
+    """Weight dtype of every table: int8, int4, fp16, or none (float32); unset: each table as it
+    was trained (fp16 for a table of precision fp16, none for the others)."""
     table_quantize: dict[str, Quantize] = field(default_factory=dict)
     """Table name -> its own weight dtype, overriding ``quantize``."""
     config: Path | None = None
@@ -30,7 +31,7 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         for key, value in [("quantize", self.quantize), *((f"table_quantize.{t}", q) for t, q in self.table_quantize.items())]:
-            if value not in QUANTIZE_NAMES:
+            if value is not None and value not in QUANTIZE_NAMES:
                 raise ConfigError(f"invalid value {value!r} for '{key}'; valid choices: {', '.join(QUANTIZE_NAMES)}")
 
 

@@ -38,6 +38,7 @@ import torch
 import torchrec
 from torch import nn
 from torchrec.inference.modules import quantize_embeddings
+from torchrec.modules.embedding_configs import DataType
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -170,17 +171,20 @@ def embedding_tables(model: nn.Module) -> dict[str, dict[str, Any]]:
         configs = getattr(module, "embedding_bag_configs", None) or getattr(module, "embedding_configs", None)
         if callable(configs):
             for t in configs():
-                tables[t.name] = {"rows": t.num_embeddings, "dim": t.embedding_dim, "features": list(t.feature_names)}
+                tables[t.name] = {"rows": t.num_embeddings, "dim": t.embedding_dim, "features": list(t.feature_names),
+                                  "precision": "fp16" if t.data_type == DataType.FP16 else "fp32"}
     return tables
 
 
 def table_dtypes(model: nn.Module, cfg: ExportConfig) -> dict[str, Quantize]:
-    """Each table's quantization; raises a ConfigError naming an unknown table in ``table_quantize``."""
+    """Each table's quantization: ``table_quantize``, else ``quantize``, else the precision it was
+    trained in (fp16 stays fp16); raises a ConfigError naming an unknown table in ``table_quantize``."""
     tables = embedding_tables(model)
     unknown = sorted(set(cfg.table_quantize) - set(tables))
     if unknown:
         raise ConfigError(f"--table-quantize names {', '.join(unknown)}, not tables of this model; its tables: {', '.join(sorted(tables))}")
-    return {t: cfg.table_quantize.get(t, cfg.quantize) for t in tables}
+    trained: dict[str, Quantize] = {t: "fp16" if info["precision"] == "fp16" else "none" for t, info in tables.items()}
+    return {t: cfg.table_quantize.get(t, cfg.quantize or trained[t]) for t in tables}
 
 
 def quantize(model: nn.Module, dtypes: dict[str, Quantize]) -> nn.Module:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
@@ -38,10 +38,11 @@ _BY_NODE = ("table_row_wise", "table_column_wise", "grid_shard")
 
 def check_plan(
     data: dict[str, Any], *, path: Path, tables: dict[str, tuple[int, int]], world_size: int, compute_device: str,
-    local_world_size: int | None = None,
+    local_world_size: int | None = None, half: Collection[str] = (),
 ) -> None:
     """Raises a PlanError naming what differs between the plan file and this model and launch
-    (``local_world_size``, the launch's ranks per node, is checked when given)."""
+    (``local_world_size``, the launch's ranks per node, is checked when given), or an fp16 table
+    (named in ``half``) that the plan gives the dense optimizer."""
     topo = data["topology"]
     if topo["world_size"] != world_size:
         raise PlanError(f"plan file '{path}' was made for {topo['world_size']} ranks, this launch has {world_size}; plan again or launch {topo['world_size']} ranks")
@@ -63,6 +64,12 @@ def check_plan(
     for name, shape in tables.items():
         if tuple(planned[name]) != tuple(shape):
             raise PlanError(f"plan file '{path}': table '{name}' is {planned[name][0]} x {planned[name][1]} there, {shape[0]} x {shape[1]} in the model")
+    dense = [r for r in data["tables"] if r["table"] in half and (r["sharding_type"] == "data_parallel" or r["compute_kernel"] == "dense")]
+    if dense:
+        r = dense[0]
+        raise PlanError(f"plan file '{path}': table '{r['table']}' is fp16 in this job, and the plan gives it {r['sharding_type']} with the "
+                        f"{r['compute_kernel']} kernel, which trains it with the dense optimizer (no fp32 master weights): plan again "
+                        "for this job (shardrec plan keeps fp16 tables on fused kernels), or set its precision: fp32")
 
 
 def to_sharding_plan(data: dict[str, Any], *, device_type: str) -> ShardingPlan:
@@ -92,9 +99,11 @@ def _placement(text: str, device_type: str) -> str:
 
 
 def load_plan(
-    path: Path, *, tables: dict[str, tuple[int, int]], world_size: int, compute_device: str, local_world_size: int | None = None
+    path: Path, *, tables: dict[str, tuple[int, int]], world_size: int, compute_device: str, local_world_size: int | None = None,
+    half: Collection[str] = (),
 ) -> ShardingPlan:
-    """Reads, checks and rebuilds the plan in ``path``."""
+    """Reads, checks and rebuilds the plan in ``path``; ``half`` names the model's fp16 tables."""
     data = read_plan_file(path)
-    check_plan(data, path=path, tables=tables, world_size=world_size, compute_device=compute_device, local_world_size=local_world_size)
+    check_plan(data, path=path, tables=tables, world_size=world_size, compute_device=compute_device, local_world_size=local_world_size,
+               half=half)
     return to_sharding_plan(data, device_type=torch.device(compute_device).type)

@@ -2,10 +2,10 @@
 
 A table list is YAML (``tables:`` entries) or CSV with columns ``name, rows, dim`` and optional
 ``pooling_factor`` (average ids per sample), ``sharding_types`` and ``compute_kernels``
-(``|``-separated lists)::
+(``|``-separated lists) and ``precision`` (fp32 or fp16)::
 
     tables:
-      - {name: user, rows: 40000000, dim: 128, pooling_factor: 1, sharding_types: [row_wise]}
+      - {name: user, rows: 40000000, dim: 128, pooling_factor: 1, sharding_types: [row_wise], precision: fp16}
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from shardrec.config import build, convert, load_yaml
+from shardrec.data.schema import TablePrecision
 from shardrec.errors import ConfigError
 from shardrec.job import load_job
 from shardrec.output import write_atomic
@@ -53,6 +54,8 @@ class TableSpec:
     """Allowed sharding types; unset: any."""
     compute_kernels: list[ComputeKernelName] | None = None
     """Allowed compute kernels; unset: any."""
+    precision: TablePrecision = "fp32"
+    """Storage precision of the weights: fp32, or fp16 (half the bytes; kept on fused kernels)."""
 
     def __post_init__(self) -> None:
         if self.rows <= 0 or self.dim <= 0 or self.pooling_factor <= 0:
@@ -91,7 +94,7 @@ def read_tables(path: Path) -> list[TableSpec]:
 def _csv_row(path: Path, line: int, row: dict[str, str]) -> TableSpec:
     missing = [c for c in ("name", "rows", "dim") if not row.get(c)]
     if missing:
-        raise ConfigError(f"--tables: '{path}' line {line}: column '{missing[0]}' is empty; columns are name, rows, dim[, pooling_factor, sharding_types, compute_kernels]")
+        raise ConfigError(f"--tables: '{path}' line {line}: column '{missing[0]}' is empty; columns are name, rows, dim[, pooling_factor, sharding_types, compute_kernels, precision]")
     data: dict[str, Any] = {"name": row["name"]}
     try:
         data["rows"], data["dim"] = int(row["rows"]), int(row["dim"])
@@ -102,6 +105,8 @@ def _csv_row(path: Path, line: int, row: dict[str, str]) -> TableSpec:
     for key in ("sharding_types", "compute_kernels"):
         if row.get(key):
             data[key] = row[key].split("|")
+    if row.get("precision"):
+        data["precision"] = row["precision"]
     try:
         return convert(TableSpec, data, key=f"--tables {path} line {line}")
     except ConfigError as e:
@@ -112,7 +117,8 @@ def _csv_row(path: Path, line: int, row: dict[str, str]) -> TableSpec:
 def tables_model(specs: list[TableSpec]) -> nn.Module:
     """A meta-device module holding one EmbeddingBagCollection over the tables, with the sparse optimizer fused."""
     ebc = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=t.name, num_embeddings=t.rows, embedding_dim=t.dim, feature_names=[t.name]) for t in specs],
+        tables=[EmbeddingBagConfig(name=t.name, num_embeddings=t.rows, embedding_dim=t.dim, feature_names=[t.name],
+                                   data_type=DataType.FP16 if t.precision == "fp16" else DataType.FP32) for t in specs],
         device=torch.device("meta"),
     )
     module = nn.ModuleDict({"ebc": ebc})

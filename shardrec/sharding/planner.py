@@ -10,7 +10,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator, get_args
 
 import torch
 import torch.distributed as dist
@@ -29,10 +29,12 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.types import CacheParams, ModuleSharder, ParameterSharding, ShardingPlan
+from torchrec.modules.embedding_configs import DataType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from shardrec.errors import PlanError
+from shardrec.errors import ConfigError, PlanError
 from shardrec.output import text_table, write_atomic
-from shardrec.sharding.config import ShardingConfig
+from shardrec.sharding.config import ComputeKernelName, ShardingConfig, ShardingTypeName, TableConstraint
 from shardrec.sharding.sharders import default_sharders
 from shardrec.sharding.topology import GiB, TopologyConfig
 
@@ -151,11 +153,12 @@ def torchrec_topology(spec: TopologySpec) -> Topology:
 
 
 def constraints(
-    cfg: ShardingConfig, tables: list[str], pooling: dict[str, float] | None = None
+    cfg: ShardingConfig, tables: list[str], pooling: dict[str, float] | None = None, half: Collection[str] = ()
 ) -> dict[str, ParameterConstraints]:
     """torchrec ParameterConstraints for every table, from the job's sharding section.
 
-    ``pooling`` gives average ids per sample per table (1 when not given).
+    ``pooling`` gives average ids per sample per table (1 when not given); ``half`` names the fp16
+    tables, which only fused kernels may hold (:func:`fp16_choices`).
     """
     cfg.check_tables(tables)
     out = {}
@@ -168,12 +171,44 @@ def constraints(
             kwargs["sharding_types"] = list(c.sharding_types)
         if c.compute_kernels is not None:
             kwargs["compute_kernels"] = list(c.compute_kernels)
+        if table in half:
+            kwargs.update(fp16_choices(table, c))
         if c.min_partition is not None:
             kwargs["min_partition"] = c.min_partition
         if c.cache_load_factor is not None:
             kwargs["cache_params"] = CacheParams(load_factor=c.cache_load_factor)
         out[table] = ParameterConstraints(**kwargs)
     return out
+
+
+def half_tables(model: nn.Module) -> set[str]:
+    """The tables of ``model`` stored in fp16."""
+    out = set()
+    for m in model.modules():
+        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)):
+            configs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs()
+            out.update(c.name for c in configs if c.data_type == DataType.FP16)
+    return out
+
+
+def fp16_choices(table: str, c: TableConstraint) -> dict[str, list[str]]:
+    """The sharding types and kernels an fp16 table may have under constraint ``c``: not
+    data_parallel and not the dense kernel. Those train the table with the dense optimizer,
+    which updates fp16 weights in place without an fp32 master copy (Adam's eps underflows to 0 in
+    fp16: the loss turns NaN within 50 steps); the fused kernels keep the optimizer state in fp32
+    and round each update stochastically.
+
+    Raises:
+        ConfigError: the constraint allows nothing else.
+    """
+    types = [t for t in (c.sharding_types or get_args(ShardingTypeName)) if t != "data_parallel"]
+    kernels = [k for k in (c.compute_kernels or get_args(ComputeKernelName)) if k != "dense"]
+    if not types or not kernels:
+        key = "sharding_types: [data_parallel]" if not types else "compute_kernels: [dense]"
+        raise ConfigError(f"table '{table}' is fp16, but sharding.tables.{table} (or sharding.default) allows only {key}, which "
+                          "trains it with the dense optimizer (no fp32 master weights); allow a sharded type with a fused kernel, "
+                          f"or set features.tables '{table}' precision: fp32")
+    return {"sharding_types": types, "compute_kernels": kernels}
 
 
 EstimateCache = dict[tuple[Any, ...], tuple[list[tuple[Any, Any]], Any]]
@@ -250,7 +285,7 @@ def make_plan(
     same model, topology and pooling) reuses the estimates of options an earlier plan saw.
     """
     torchrec_topo = torchrec_topology(topology)
-    table_constraints = constraints(cfg, list(tables), pooling)
+    table_constraints = constraints(cfg, list(tables), pooling, half=half_tables(model))
     enumerator = None
     if estimates is not None:
         enumerator = SharedEstimateEnumerator(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torchrec.distributed.planner.types import ShardingOption
 
 from shardrec.output import text_table
@@ -45,6 +46,8 @@ class TableLoad:
     shard_shapes: list[list[int]]
     hbm_bytes: int
     ddr_bytes: int
+    precision: str = "fp32"
+    """Storage precision of the weights (fp32 or fp16: 4 or 2 bytes a weight in the bytes above)."""
 
 
 @dataclass
@@ -111,6 +114,7 @@ def build_report(options: list[ShardingOption], topology: TopologySpec) -> PlanR
                 name=opt.name, rows=int(rows), dim=int(dim), sharding_type=opt.sharding_type,
                 compute_kernel=opt.compute_kernel, ranks=sorted({s.rank for s in opt.shards}),  # type: ignore[type-var]
                 shard_shapes=[list(s.size) for s in opt.shards], hbm_bytes=hbm, ddr_bytes=ddr,
+                precision="fp16" if opt.tensor.dtype == torch.float16 else "fp32",
             )
         )
     return PlanReport(topology=topology, tables=tables, devices=devices)
@@ -124,7 +128,7 @@ def format_report(report: PlanReport, *, max_tables: int = 60) -> str:
     """The report as text: tables (the largest ``max_tables``), devices, headline."""
     by_size = sorted(report.tables, key=lambda t: t.hbm_bytes + t.ddr_bytes, reverse=True)
     table_rows = [
-        (t.name, f"{t.rows}x{t.dim}", t.sharding_type, t.compute_kernel, _ranks(t.ranks),
+        (t.name, f"{t.rows}x{t.dim}", t.precision, t.sharding_type, t.compute_kernel, _ranks(t.ranks),
          _shapes(t.shard_shapes), _gib(t.hbm_bytes), _gib(t.ddr_bytes))
         for t in by_size[:max_tables]
     ]
@@ -138,7 +142,7 @@ def format_report(report: PlanReport, *, max_tables: int = 60) -> str:
     s = report.summary()
     more = f"\n  ({len(report.tables) - max_tables} smaller tables not shown)" if len(report.tables) > max_tables else ""
     return (
-        f"tables (largest first, sizes in GiB):\n{text_table(('table', 'rows x dim', 'sharding', 'kernel', 'ranks', 'shards', 'hbm', 'ddr'), table_rows)}{more}\n\n"
+        f"tables (largest first, sizes in GiB):\n{text_table(('table', 'rows x dim', 'dtype', 'sharding', 'kernel', 'ranks', 'shards', 'hbm', 'ddr'), table_rows)}{more}\n\n"
         f"devices ({s['topology']}, memory in GiB):\n"
         f"{text_table(('rank', 'memory used / capacity', 'used', 'compute ms', 'comms ms', 'step ms', ''), device_rows)}\n\n"
         f"estimated embedding step: {s['est_step_ms']:.3f} ms on rank {s['critical_rank']}; "

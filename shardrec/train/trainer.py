@@ -40,7 +40,7 @@ from shardrec.train.retrieval_eval import embed_catalogue, evaluate_retrieval
 from shardrec.data.catalogue import Catalogue, read_catalogue, write_item_embeddings
 from shardrec.sharding.plan_file import load_plan
 from shardrec.sharding.objectives import collective_plan_for_objective
-from shardrec.sharding.planner import format_plan, plan_rows, save_plan, topology_spec
+from shardrec.sharding.planner import format_plan, half_tables, plan_rows, save_plan, topology_spec
 from shardrec.sharding.shardable import check_precision, meta_model
 from shardrec.sharding.sharders import default_sharders
 
@@ -197,7 +197,7 @@ class Trainer:
         if job.sharding.plan is not None:
             plan = load_plan(
                 Path(job.sharding.plan), tables=tables, world_size=ctx.world_size, compute_device=spec.compute_device,
-                local_world_size=ctx.local_world_size,
+                local_world_size=ctx.local_world_size, half=half_tables(module),
             )
         else:
             plan = collective_plan_for_objective(

@@ -8,13 +8,25 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from shardrec.data.schema import FeatureSchema, TableConfig
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+
+
+def data_type(table: TableConfig) -> DataType:
+    """TorchRec's data type for ``table``'s storage precision (``precision`` / ``features.table_precision``).
+
+    Every embedding config of the zoo takes it, so an fp16 table is fp16 everywhere: on the meta
+    device the planner sizes (2 bytes a weight), in the fbgemm kernels the trainer builds, and in
+    its checkpoint entries. Lookups still hand the model fp32 vectors (TorchRec's default output
+    dtype, and its unsharded modules' ``.float()``).
+    """
+    return _DATA_TYPES[table.storage]
 
 
 def build_ebc(schema: FeatureSchema, *, device: torch.device) -> EmbeddingBagCollection:
@@ -37,6 +49,7 @@ def bag_config(table: TableConfig, schema: FeatureSchema, *, name: str, dim: int
         embedding_dim=dim,
         feature_names=schema.features_of(table.name),
         pooling=_POOLING[table.pooling],
+        data_type=data_type(table),
     )
 
 
