@@ -47,8 +47,9 @@ class TableConfig:
     pooling: Literal["sum", "mean"] = "sum"
     """How a bag of ids is reduced to one vector."""
     precision: TablePrecision | None = None
-    """Storage precision of the weights: fp32, or fp16 (half the memory; the fused optimizer
-    updates them with stochastic rounding, its state stays fp32); unset: ``features.table_precision``."""
+    """Storage precision of the weights: fp32, or fp16 (half the memory; the fused optimizer's
+    state stays fp32, and on CUDA fbgemm rounds each update stochastically, while its CPU kernels
+    round to nearest); unset: ``features.table_precision``."""
     resolved: TablePrecision | None = field(default=None, init=False, repr=False, compare=False)
     """``precision``, or the schema's ``table_precision`` where unset (set by FeatureSchema); not a YAML key."""
 

@@ -2,7 +2,7 @@
 
 torchrec's planner enumerates every (table, sharding type, kernel) option and partitions them;
 with a thousand tables that do not fit it searches for many minutes before it gives up. No plan
-can need less than each table's weights plus its fused optimizer state, spread over every byte of
+can need less than each table's weights (2 bytes a weight in fp16) plus its fused optimizer state, spread over every byte of
 the cluster's usable memory: HBM less the storage reservation on cuda (plus host DDR where UVM
 kernels are allowed), host memory on cpu, and each rank also holds the dense (replicated) part.
 When even that does not fit, no search can succeed, and the report says by how much, how many
@@ -19,10 +19,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 
 from shardrec.errors import PlanError
 from shardrec.sharding.config import ShardingConfig
-from shardrec.sharding.planner import TopologySpec
+from shardrec.sharding.planner import TopologySpec, half_tables
 from shardrec.sharding.topology import GiB
 
 FP32 = 4
+FP16 = 2
 UVM_KERNELS = {"fused_uvm", "fused_uvm_caching"}
 
 
@@ -92,7 +93,9 @@ def dense_bytes(model: nn.Module) -> int:
 def memory_bound(model: nn.Module, *, tables: dict[str, tuple[int, int]], topology: TopologySpec, cfg: ShardingConfig) -> MemoryBound:
     """The bound for ``model`` (on meta, optimizer fused) with ``tables`` on ``topology``."""
     optimizer = fused_optimizer(model)
-    sizes = {name: rows * dim * FP32 + optimizer_state_bytes(optimizer, rows, dim) for name, (rows, dim) in tables.items()}
+    half = half_tables(model)  # fp16 weights: 2 bytes each; the fused optimizer's state stays fp32
+    sizes = {name: rows * dim * (FP16 if name in half else FP32) + optimizer_state_bytes(optimizer, rows, dim)
+             for name, (rows, dim) in tables.items()}
     world, local = topology.world_size, topology.local_world_size
     if topology.compute_device == "cuda":
         hbm = int(topology.memory_per_device_bytes * (1 - cfg.storage_reservation))

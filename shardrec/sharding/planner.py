@@ -196,7 +196,7 @@ def fp16_choices(table: str, c: TableConstraint) -> dict[str, list[str]]:
     data_parallel and not the dense kernel. Those train the table with the dense optimizer,
     which updates fp16 weights in place without an fp32 master copy (Adam's eps underflows to 0 in
     fp16: the loss turns NaN within 50 steps); the fused kernels keep the optimizer state in fp32
-    and round each update stochastically.
+    (and, on CUDA, round each update stochastically).
 
     Raises:
         ConfigError: the constraint allows nothing else.
@@ -285,7 +285,8 @@ def make_plan(
     same model, topology and pooling) reuses the estimates of options an earlier plan saw.
     """
     torchrec_topo = torchrec_topology(topology)
-    table_constraints = constraints(cfg, list(tables), pooling, half=half_tables(model))
+    half = half_tables(model)
+    table_constraints = constraints(cfg, list(tables), pooling, half=half)
     enumerator = None
     if estimates is not None:
         enumerator = SharedEstimateEnumerator(
@@ -305,7 +306,7 @@ def make_plan(
         plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
         return PlanResult(plan=plan, options=list(planner._best_plan or []))  # noqa: SLF001 - no public getter
     except PlannerError as e:
-        raise PlanError(_plan_failure(e, tables, topology)) from e
+        raise PlanError(_plan_failure(e, tables, topology, half=half)) from e
     except RuntimeError as e:
         # torchrec raises a bare RuntimeError when constraints leave a table no option at all.
         raise PlanError(
@@ -315,17 +316,20 @@ def make_plan(
         ) from e
 
 
-def _plan_failure(error: PlannerError, tables: dict[str, tuple[int, int]], topology: TopologySpec) -> str:
-    by_size = sorted(tables.items(), key=lambda kv: kv[1][0] * kv[1][1], reverse=True)[:5]
-    sizes = ", ".join(f"{name} ({_gib(rows * dim * 4)})" for name, (rows, dim) in by_size)
-    total = sum(rows * dim * 4 for rows, dim in tables.values())
+def _plan_failure(error: PlannerError, tables: dict[str, tuple[int, int]], topology: TopologySpec, *,
+                  half: Collection[str] = ()) -> str:
+    weights = {name: rows * dim * (2 if name in half else 4) for name, (rows, dim) in tables.items()}
+    by_size = sorted(weights.items(), key=lambda kv: kv[1], reverse=True)[:5]
+    sizes = ", ".join(f"{name} ({_gib(n)})" for name, n in by_size)
+    total = sum(weights.values())
     return (
         f"no sharding plan fits: {error}\n"
         f"  largest tables: {sizes}; all tables need {_gib(total)} of weights before optimizer state\n"
         f"  available: {topology.world_size} x {_gib(topology.memory_per_device_bytes)} ({topology.compute_device})\n"
         "  options: more devices; UVM caching on cuda (compute_kernels: [fused_uvm_caching], tables stay in host "
         "memory with a device cache); allow row_wise/table_row_wise/column_wise under sharding.default.sharding_types; "
-        "raise sharding.memory_per_device_gb; or smaller num_embeddings/embedding_dim"
+        "raise sharding.memory_per_device_gb; features.table_precision: fp16 (half the weight bytes); or smaller "
+        "num_embeddings/embedding_dim"
     )
 
 

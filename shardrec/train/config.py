@@ -116,7 +116,8 @@ class TrainConfig:
     """Compute precision of the models' dense parts: ``bf16`` runs their forward under
     ``torch.autocast`` in bfloat16 (weights, optimizer states, losses and metrics stay fp32; refused on
     a CPU without bf16 support); ``fp16`` is not offered yet (it needs a grad scaler in the
-    pipeline): refused. The embedding tables are not affected."""
+    pipeline): refused. The embedding tables keep their own storage precision
+    (``features.table_precision``, fp32 or fp16; docs/precision.md)."""
     progress_bar: bool = True
     """Show a progress bar with samples/s on rank 0."""
     tensorboard: bool = True

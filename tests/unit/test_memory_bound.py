@@ -69,9 +69,16 @@ def test_optimizer_state_per_table(name: str, expected: int) -> None:
     assert optimizer_state_bytes(classes[name], 10, 8) == expected
 
 
-@pytest.mark.parametrize("memory", [900_000, 1_600_000, 4_000_000])
-def test_the_bound_never_rejects_what_the_planner_places(memory: int) -> None:
-    specs = [TableSpec(name="big", rows=50_000, dim=8), TableSpec(name="small", rows=1000, dim=8)]
+def test_fp16_weights_count_two_bytes_and_their_optimizer_state_four() -> None:
+    model = tables_model([TableSpec(name="a", rows=1000, dim=16, precision="fp16"), TableSpec(name="b", rows=10, dim=8)])
+    bound = memory_bound(model, tables={"a": (1000, 16), "b": (10, 8)}, topology=_spec("1x8xH100"), cfg=ShardingConfig())
+    assert bound.tables_bytes == 1000 * 16 * 2 + 1000 * 4 + (10 * 8 + 10) * 4
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("memory", [500_000, 900_000, 1_600_000, 4_000_000])
+def test_the_bound_never_rejects_what_the_planner_places(memory: int, precision: str) -> None:
+    specs = [TableSpec(name="big", rows=50_000, dim=8, precision=precision), TableSpec(name="small", rows=1000, dim=8)]
     model, tables = tables_model(specs), {t.name: (t.rows, t.dim) for t in specs}
     topology = TopologySpec(world_size=4, local_world_size=4, compute_device="cpu", memory_per_device_bytes=memory)
     try:

@@ -137,3 +137,10 @@ def test_export_keeps_each_tables_training_precision_unless_told() -> None:
     assert table_dtypes(model, ExportConfig(checkpoint=Path("c"), out=Path("o"), quantize="int8")) == dict.fromkeys(
         ["t_C1", "t_C2", "t_C3"], "int8")
     assert table_dtypes(model, ExportConfig(checkpoint=Path("c"), out=Path("o"), table_quantize={"t_C1": "none"}))["t_C1"] == "none"
+
+
+def test_a_prepared_schema_yaml_holds_no_resolved_precision(tmp_path: Path) -> None:
+    from shardrec.data.datasets.common import _non_default
+
+    schema = _schema(table_precision="fp16")
+    assert _non_default(schema.tables[0]) == {"name": "t_C1", "num_embeddings": 100, "embedding_dim": 8}

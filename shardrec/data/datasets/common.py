@@ -515,6 +515,8 @@ def write_schema_yaml(
 def _non_default(obj: Any) -> dict[str, Any]:
     out = {}
     for f in fields(obj):
+        if not f.init:  # derived state (e.g. a table's resolved precision), not a YAML key
+            continue
         value = getattr(obj, f.name)
         default = f.default_factory() if callable(f.default_factory) else f.default
         if value != default:
