@@ -1,5 +1,7 @@
 """Test AUC at each precision: fp32, bf16 compute, fp16 tables, and both, over 3 seeds (issue #22).
 
+``--settings`` picks them (default all, with the ``fp32, no data_parallel`` control).
+
 Jobs, each on 2 gloo ranks:
 
 * ``default``: the embedded default job (``shardrec train`` with no config: DLRM on Criteo-shaped
@@ -27,11 +29,15 @@ import yaml
 from model_quality import prepare, save_job, train_job, write_job  # bench/ is on sys.path when a bench runs
 from shardrec.job import default_job_text
 
-PRECISIONS: dict[str, dict[str, dict[str, str]]] = {
+PRECISIONS: dict[str, dict[str, Any]] = {
     "fp32": {},
     "bf16": {"train": {"precision": "bf16"}},
     "fp16 tables": {"features": {"table_precision": "fp16"}},
     "bf16 + fp16 tables": {"train": {"precision": "bf16"}, "features": {"table_precision": "fp16"}},
+    # A control: fp16 tables are never data-parallel, so their small tables move from the dense
+    # optimizer (Adam) to the fused one (row-wise Adagrad); this fp32 run makes the same move.
+    "fp32, no data_parallel": {"sharding": {"default": {"sharding_types": [
+        "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"]}}},
 }
 
 
@@ -48,7 +54,7 @@ def job_dict(name: str, *, schema: Path | None, work: Path) -> dict[str, Any]:
     return yaml.safe_load(write_job(name, schema=schema, work=work, epochs=2).read_text())
 
 
-def with_setting(job: dict[str, Any], *, seed: int, setting: dict[str, dict[str, str]]) -> dict[str, Any]:
+def with_setting(job: dict[str, Any], *, seed: int, setting: dict[str, Any]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in job.items()}
     out["train"] = {**out["train"], "seed": seed, "tensorboard": False}
     for section, values in setting.items():
@@ -60,18 +66,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", default="default,deepfm,dcn")
+    p.add_argument("--settings", default=",".join(PRECISIONS), help="comma-separated names of PRECISIONS (fp32 is always run)")
     p.add_argument("--input", type=Path, default=Path(os.environ.get("SHARDREC_SAMPLE_DATA", "../shared/data")) / "movielens100k")
     p.add_argument("--work", type=Path, default=Path("/tmp/shardrec-precision-quality"))
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
+    settings = {"fp32": PRECISIONS["fp32"], **{k: PRECISIONS[k.strip()] for k in args.settings.split(",") if k.strip()}}
     schema = prepare(args.input, args.work / "movielens") if any(j != "default" for j in jobs) else None
     auc: dict[tuple[str, str], list[float]] = {}
     for name in jobs:
         base = job_dict(name, schema=schema, work=args.work)
         for seed in seeds:
-            for label, setting in PRECISIONS.items():
-                tag = f"{name}-s{seed}-{label.replace(' ', '').replace('+', '_')}"
+            for label, setting in settings.items():
+                tag = f"{name}-s{seed}-{label.replace(' ', '').replace('+', '_').replace(',', '_')}"
                 path = save_job(tag, with_setting(base, seed=seed, setting=setting), work=args.work)
                 r = train_job(path, run_dir=args.work / "runs" / tag)
                 auc.setdefault((name, label), []).append(r["auc"])
@@ -81,7 +89,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in jobs:
         ref = auc[(name, "fp32")]
-        for label in PRECISIONS:
+        for label in settings:
             values = auc[(name, label)]
             diff = statistics.median(v - r for v, r in zip(values, ref))
             print(f"| {name} | {label} | {', '.join(f'{v:.4f}' for v in values)} | {statistics.median(values):.4f} | "
