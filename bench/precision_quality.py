@@ -1,6 +1,6 @@
 """Test AUC at each precision: fp32, bf16 compute, fp16 tables, and both, over 3 seeds (issue #22).
 
-``--settings`` picks them (default all, with the ``fp32, no data_parallel`` control).
+``--settings`` picks them (default all, with the ``fp32 without data_parallel`` control).
 
 Jobs, each on 2 gloo ranks:
 
@@ -36,7 +36,7 @@ PRECISIONS: dict[str, dict[str, Any]] = {
     "bf16 + fp16 tables": {"train": {"precision": "bf16"}, "features": {"table_precision": "fp16"}},
     # A control: fp16 tables are never data-parallel, so their small tables move from the dense
     # optimizer (Adam) to the fused one (row-wise Adagrad); this fp32 run makes the same move.
-    "fp32, no data_parallel": {"sharding": {"default": {"sharding_types": [
+    "fp32 without data_parallel": {"sharding": {"default": {"sharding_types": [
         "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"]}}},
 }
 
