@@ -308,7 +308,8 @@ def test_to_dict_turns_paths_into_strings_and_recurses() -> None:
         "p": "/x/y",
         "s": [{"label": "label", "dense": [], "sparse": [{"name": "a", "table": "t", "source": None, "hash": False, "weights": None, "sequence": False,
                                                   "max_len": None, "boundaries": None, "num_buckets": None, "cross": None, "raw": False, "negatives": None}],
-               "tables": [{"name": "t", "num_embeddings": 3, "embedding_dim": 2, "pooling": "sum"}]}],
+               "tables": [{"name": "t", "num_embeddings": 3, "embedding_dim": 2, "pooling": "sum", "precision": None}],
+               "table_precision": "fp32"}],
     }
 
 
