@@ -30,9 +30,9 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.types import CacheParams, ModuleSharder, ParameterSharding, ShardingPlan
 from torchrec.modules.embedding_configs import DataType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from shardrec.errors import ConfigError, PlanError
+from shardrec.models.layers.embedding import table_configs
 from shardrec.output import text_table, write_atomic
 from shardrec.sharding.config import ComputeKernelName, ShardingConfig, ShardingTypeName, TableConstraint
 from shardrec.sharding.sharders import default_sharders
@@ -183,12 +183,7 @@ def constraints(
 
 def half_tables(model: nn.Module) -> set[str]:
     """The tables of ``model`` stored in fp16."""
-    out = set()
-    for m in model.modules():
-        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)):
-            configs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs()
-            out.update(c.name for c in configs if c.data_type == DataType.FP16)
-    return out
+    return {c.name for c in table_configs(model) if c.data_type == DataType.FP16}
 
 
 def fp16_choices(table: str, c: TableConstraint) -> dict[str, list[str]]:

@@ -22,6 +22,7 @@ from shardrec.data.schema import LabelConfig
 from shardrec.errors import ConfigError
 from shardrec.job import JobConfig
 from shardrec.models import registry
+from shardrec.models.layers.embedding import table_configs
 from shardrec.train.config import SparseOptimizerConfig
 
 
@@ -115,15 +116,7 @@ def meta_model(job: JobConfig, *, device_type: str | None = None) -> MetaModel:
 
 def model_tables(module: nn.Module) -> dict[str, tuple[int, int]]:
     """Every embedding table of ``module``: name -> (rows, dim)."""
-    out: dict[str, tuple[int, int]] = {}
-    for m in module.modules():
-        if isinstance(m, EmbeddingBagCollection):
-            for cfg in m.embedding_bag_configs():
-                out[cfg.name] = (cfg.num_embeddings, cfg.embedding_dim)
-        elif isinstance(m, EmbeddingCollection):
-            for cfg in m.embedding_configs():
-                out[cfg.name] = (cfg.num_embeddings, cfg.embedding_dim)
-    return out
+    return {cfg.name: (cfg.num_embeddings, cfg.embedding_dim) for cfg in table_configs(module)}
 
 
 def fused_optimizer_class(cfg: SparseOptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:

@@ -4,12 +4,12 @@ output, learned position embeddings and dense features embedded as fields."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from shardrec.data.schema import FeatureSchema, TableConfig
@@ -27,6 +27,15 @@ def data_type(table: TableConfig) -> DataType:
     dtype, and its unsharded modules' ``.float()``).
     """
     return _DATA_TYPES[table.storage]
+
+
+def table_configs(module: nn.Module) -> Iterator[BaseEmbeddingConfig]:
+    """The config of every table of every EmbeddingBagCollection and EmbeddingCollection in ``module``."""
+    for m in module.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            yield from m.embedding_bag_configs()
+        elif isinstance(m, EmbeddingCollection):
+            yield from m.embedding_configs()
 
 
 def build_ebc(schema: FeatureSchema, *, device: torch.device) -> EmbeddingBagCollection:
